@@ -1,0 +1,89 @@
+"""Patch reading in DataLoader worker processes, fed by a work queue.
+
+The main process plans slides and puts *tasks* (one batch of patch coordinates of one slide)
+on a bounded multiprocessing queue; every worker takes the next task, reads its patches with
+its own cached slide handle and yields one uint8 batch. Because workers pull from a shared
+queue, all of them stay busy whatever the mix of slide sizes, and the next slide's patches are
+already flowing while the last batches of the previous one are encoded: the GPU never waits at
+a slide boundary. A worker that fails to read reports the error for that slide instead of a
+batch (never a blank patch) and skips that slide's remaining tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from wsi_ncmi.slides.open import open_slide
+from wsi_ncmi.slides.patches import PatchReader
+
+MAX_OPEN_SLIDES = 4
+
+
+@dataclass
+class PatchTask:
+    key: int                 # the slide's index in this run
+    path: str
+    read_level: int
+    read_downsample: float
+    extent_x: float
+    extent_y: float
+    patch_size: int
+    start: int               # row of the first patch of this batch in the slide's file
+    coords: np.ndarray       # (B, 2) level-0 top-left
+
+
+class PatchTaskDataset(IterableDataset):
+    """Yields ``{"key", "start", "images": uint8 (B, P, P, 3)}`` or ``{"key", "start", "error"}``."""
+
+    def __init__(self, tasks, parent_pid: int):
+        super().__init__()
+        self.tasks = tasks
+        self.parent_pid = parent_pid
+
+    def _next_task(self):
+        while True:
+            try:
+                return self.tasks.get(timeout=2.0)
+            except queue_mod.Empty:
+                if os.getppid() != self.parent_pid and os.getpid() != self.parent_pid:
+                    return None  # the main process died (e.g. SIGKILL): stop instead of lingering
+
+    def __iter__(self):
+        handles: OrderedDict[str, object] = OrderedDict()
+        failed: set[int] = set()
+        try:
+            while True:
+                task = self._next_task()
+                if task is None:
+                    return
+                if task.key in failed:
+                    continue
+                try:
+                    slide = handles.pop(task.path, None) or open_slide(task.path)
+                    handles[task.path] = slide
+                    while len(handles) > MAX_OPEN_SLIDES:
+                        handles.popitem(last=False)[1].close()
+                    reader = PatchReader(slide, task.read_level, task.read_downsample, task.extent_x,
+                                         task.extent_y, task.patch_size)
+                    batch = np.empty((len(task.coords), task.patch_size, task.patch_size, 3), np.uint8)
+                    for i, (x, y) in enumerate(task.coords):
+                        batch[i] = reader.read(int(x), int(y))
+                except Exception as exc:  # an OpenSlide read error leaves the handle unusable
+                    failed.add(task.key)
+                    bad = handles.pop(task.path, None)
+                    if bad is not None:
+                        bad.close()
+                    yield {"key": task.key, "start": task.start,
+                           "error": f"{type(exc).__name__}: {exc}".strip()}
+                    continue
+                yield {"key": task.key, "start": task.start, "images": torch.from_numpy(batch)}
+        finally:
+            for h in handles.values():
+                h.close()

@@ -1,0 +1,102 @@
+"""Planning one slide: open, mpp, tissue, grid, pictures, and the attributes of its HDF5 file.
+
+Runs in the main process (a few threads), ahead of the patch readers; every way a slide can fail
+before its first patch is found here and reported as a ``SlideError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+from wsi_ncmi import __version__
+from wsi_ncmi.errors import SlideError
+from wsi_ncmi.extract.config import ExtractConfig
+from wsi_ncmi.slides.grid import PatchGrid, plan_grid
+from wsi_ncmi.slides.mpp import Mpp, resolve_mpp
+from wsi_ncmi.slides.open import level_downsamples, open_slide, slide_bounds, slide_id_for
+from wsi_ncmi.slides.tissue import tissue_geojson, tissue_mask_for_slide
+
+
+@dataclass
+class SlidePlan:
+    slide_id: str
+    path: Path
+    mpp: Mpp
+    grid: PatchGrid
+    attrs: dict = field(default_factory=dict)
+    coords_attrs: dict = field(default_factory=dict)
+    plan_seconds: float = 0.0
+
+
+def settings_fingerprint(cfg: ExtractConfig) -> str:
+    """What makes two feature files of one slide comparable (not how fast they were made)."""
+    keys = ("encoder", "mpp", "patch_size", "min_tissue", "tissue_mpp", "min_saturation", "max_saturation",
+            "min_region_um2", "max_hole_um2")
+    d = {k: getattr(cfg, k) for k in keys}
+    d["weights"] = Path(cfg.weights).name if cfg.weights else None
+    return json.dumps(d, sort_keys=True)
+
+
+def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) -> SlidePlan:
+    t0 = time.perf_counter()
+    sid = slide_id_for(path)
+    slide = open_slide(path)
+    try:
+        mpp = resolve_mpp(slide, path, sid, csv_mpp, cfg.slide_mpp)
+        params = cfg.tissue_params()
+        try:
+            tm = tissue_mask_for_slide(slide, mpp.mean, params)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(path, "unreadable", f"read error while making the thumbnail ({exc}); "
+                                                 "the file is damaged: copy or scan it again") from None
+        grid = plan_grid(slide_bounds(slide), level_downsamples(slide), mpp, cfg.mpp, cfg.patch_size, tm,
+                         cfg.min_tissue)
+        w0, h0 = slide.dimensions
+        if grid.n_cells == 0:
+            raise SlideError(path, "too-small",
+                             f"slide is {w0 * mpp.x:.0f} x {h0 * mpp.y:.0f} um, smaller than one patch "
+                             f"({cfg.patch_size * cfg.mpp:.0f} um); lower --patch-size or --mpp")
+        if not tm.mask.any():
+            raise SlideError(path, "no-tissue", f"no tissue found (saturation threshold {tm.threshold:.0f}); "
+                                                "check the slide, or lower --min-saturation")
+        if len(grid) == 0:
+            raise SlideError(path, "no-tissue", f"no patch is at least {cfg.min_tissue:.0%} tissue "
+                                                f"({tm.tissue_fraction:.1%} of the slide is tissue); lower --min-tissue")
+        if cfg.thumbnails:
+            from wsi_ncmi.viz.thumbnails import save_grid_thumbnail
+
+            (out / "tissue").mkdir(exist_ok=True)
+            (out / "tissue" / f"{sid}.geojson").write_text(json.dumps(tissue_geojson(tm, sid)))
+            save_grid_thumbnail(out / "thumbnails" / f"{sid}.png", tm, grid)
+        st = path.stat()
+        attrs = {
+            "slide_id": sid, "slide_path": str(path.resolve()), "slide_size_bytes": st.st_size,
+            "slide_mtime": st.st_mtime, "slide_vendor": slide.properties.get("openslide.vendor", "image"),
+            "level0_width": w0, "level0_height": h0, "level_downsamples": level_downsamples(slide),
+            "mpp_x": mpp.x, "mpp_y": mpp.y, "mpp_source": mpp.source,
+            "target_mpp": cfg.mpp, "patch_size": cfg.patch_size,
+            "patch_size_level0_x": grid.extent_x, "patch_size_level0_y": grid.extent_y,
+            "read_level": grid.read_level, "read_downsample": grid.read_downsample,
+            "tissue_method": params.to_dict(), "tissue_threshold": tm.threshold, "min_tissue": cfg.min_tissue,
+            "grid_cells": grid.n_cells, "settings_fingerprint": settings_fingerprint(cfg),
+            "package": "wsi-ncmi", "package_version": __version__, "host": socket.gethostname(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+        }
+        coords_attrs = {"patch_level": 0, "patch_size": int(round(grid.extent_x)),
+                        "patch_size_level0": int(round(grid.extent_x)), "target_patch_size": cfg.patch_size,
+                        "target_mpp": cfg.mpp, "name": sid}
+    finally:
+        slide.close()
+    return SlidePlan(sid, path, mpp, grid, attrs, coords_attrs, time.perf_counter() - t0)
+
+
+def tissue_fraction_dataset(grid: PatchGrid) -> np.ndarray:
+    return grid.tissue_fraction.astype(np.float16)

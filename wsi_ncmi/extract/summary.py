@@ -1,0 +1,84 @@
+"""What one extraction run did, per slide and in total; printed and saved as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    path: str
+    status: str              # done | skipped | failed | busy (locked by another process)
+    reason: str = ""
+    message: str = ""
+    patches: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    out: str
+    encoder: str = ""
+    device: str = ""
+    precision: str = ""
+    batch_size: int = 0
+    workers: int = 0
+    shard: str = "0/1"
+    results: list[SlideResult] = field(default_factory=list)
+    seconds: float = 0.0
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def tiles(self) -> int:
+        return sum(r.patches for r in self.results if r.status == "done")
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(tiles=self.tiles, tiles_per_s=round(self.tiles_per_s, 2),
+                 counts={s: self.count(s) for s in ("done", "skipped", "failed", "busy")})
+        return d
+
+    def save(self, log_dir: Path) -> Path:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = log_dir / f"extract-{stamp}-{self.host}-{self.pid}.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def render(self) -> str:
+        n = len(self.results)
+        lines = []
+        if n and self.count("skipped") == n:
+            lines.append(f"all {n} slides are already extracted in {self.out}; nothing to do")
+        else:
+            parts = [f"{self.count('done')} done", f"{self.count('skipped')} already done",
+                     f"{self.count('failed')} failed"]
+            if self.count("busy"):
+                parts.append(f"{self.count('busy')} being extracted by another process")
+            lines.append(f"extract: {n} slides: " + ", ".join(parts))
+            if self.count("done"):
+                lines.append(f"  {self.tiles:,} tiles in {self.seconds:.1f} s = {self.tiles_per_s:,.1f} tiles/s "
+                             f"({self.encoder}, {self.device}, {self.precision}, batch {self.batch_size}, "
+                             f"{self.workers} workers)")
+        for r in self.failed:
+            lines.append(f"  FAILED [{r.reason}] {r.message}")
+        return "\n".join(lines)
