@@ -61,14 +61,14 @@ class Encoder(nn.Module):
             trunk = timm.create_model(spec.arch, pretrained=False, **cls._local_kwargs(spec))
             cls._load(trunk, _read_state_dict(weights), spec, weights)
             weights_id = f"file:{Path(weights).name} sha256:{file_digest(weights)}"
+        elif allow_random:  # architecture only (tests, shape checks on the meta device)
+            trunk = timm.create_model(spec.arch, pretrained=False, **cls._local_kwargs(spec))
+            weights_id = "random-init"
         elif spec.local_weights is not None:
             path = spec.local_weights()
             trunk = timm.create_model(spec.arch, pretrained=False, **cls._local_kwargs(spec))
             cls._load(trunk, torch.load(path, map_location="cpu", weights_only=True), spec, path)
             weights_id = f"file:{Path(path).name} sha256:{file_digest(path)}"
-        elif allow_random:
-            trunk = timm.create_model(spec.arch, pretrained=False, **cls._local_kwargs(spec))
-            weights_id = "random-init"
         else:
             trunk = cls._from_hub(spec)
             weights_id = spec.hub or spec.arch
@@ -120,6 +120,11 @@ class Encoder(nn.Module):
                 raise WsiNcmiError(f"{path}: tensors do not map in order onto timm '{spec.arch}'; "
                                    "pass weights saved from that architecture")
             sd = {k: v for (_, v), k in zip(src, dst)}
+        wrong = [k for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
+        if wrong:
+            raise WsiNcmiError(f"{path}: {len(wrong)} tensors have the wrong shape for '{spec.arch}' (first: {wrong[0]} "
+                               f"{tuple(sd[wrong[0]].shape)} vs {tuple(target[wrong[0]].shape)}); "
+                               f"pass the weights of encoder '{spec.name}'")
         missing, unexpected = trunk.load_state_dict(sd, strict=False)
         # layer4/fc of a truncated ResNet and classifier heads may be absent from the file
         missing = [k for k in missing if not k.startswith(("fc.", "head.", "classifier."))]

@@ -124,7 +124,7 @@ class _Extraction:
         self.stop = threading.Event()
         self.feeder_error: BaseException | None = None
         self.slots: list[bool] = []
-        self.show = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
+        self.bars_off = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
 
     # ---- feeder thread: lock, plan, enqueue ------------------------------------------------
     def _put(self, item) -> bool:
@@ -217,7 +217,7 @@ class _Extraction:
             st.bar = None
 
     def _open_bar(self, st: _InFlight) -> None:
-        if self.show is True:
+        if self.bars_off is True:
             return
         slot = next((i for i, used in enumerate(self.slots) if not used), len(self.slots))
         if slot == len(self.slots):
@@ -225,7 +225,7 @@ class _Extraction:
         self.slots[slot] = True
         st.slot = slot
         st.bar = tqdm(total=len(st.plan.grid), desc=st.plan.slide_id[:28], unit="tile", position=2 + slot,
-                      leave=False, dynamic_ncols=True, disable=self.show)
+                      leave=False, dynamic_ncols=True, disable=self.bars_off)
 
     def _write(self, st: _InFlight, start: int, feats) -> None:
         if st.failed:
@@ -267,9 +267,9 @@ class _Extraction:
                             multiprocessing_context=ctx if W else None, in_order=False)
         it = iter(loader)  # fork the workers before any thread (tqdm's monitor, planners) starts
         self.slide_bar = tqdm(total=len(self.todo), desc="slides", unit="slide", position=0,
-                              dynamic_ncols=True, disable=self.show)
+                              dynamic_ncols=True, disable=self.bars_off)
         self.tile_bar = tqdm(total=0, desc="tiles", unit="tile", position=1, dynamic_ncols=True,
-                             smoothing=0.05, disable=self.show)
+                             smoothing=0.05, disable=self.bars_off)
         feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
         feeder.start()
         cuda = self.device.type == "cuda"
@@ -331,7 +331,7 @@ def run_extraction(cfg: ExtractConfig) -> RunSummary:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_mpp = load_mpp_csv(cfg.mpp_csv) if cfg.mpp_csv else None
-    paths = discover_slides(cfg.slides)
+    paths = discover_slides(cfg.slides, exclude=[out])
     if not paths:
         raise WsiNcmiError(f"{', '.join(cfg.slides)}: no slides found (.svs, .ndpi, .mrxs, .tif(f), .dcm, "
                            ".scn, .bif, .png/.jpg with --slide-mpp ...)")

@@ -48,7 +48,8 @@ def plan_grid(bounds: tuple[int, int, int, int], downsamples: list[float], mpp: 
     """Lay the grid over ``bounds`` (x, y, w, h in level-0 px) and keep cells with enough tissue.
 
     ``tissue`` is a ``TissueMask`` (or None to keep every cell); a cell is kept when the
-    fraction of its area covered by tissue is at least ``min_tissue`` (and above zero).
+    fraction of its area covered by tissue is at least ``min_tissue`` (and above zero);
+    ``min_tissue=0`` keeps every cell of a slide that has tissue (whole-ROI tiling).
     """
     ex = patch_size * target_mpp / mpp.x
     ey = patch_size * target_mpp / mpp.y
@@ -66,7 +67,7 @@ def plan_grid(bounds: tuple[int, int, int, int], downsamples: list[float], mpp: 
         frac = np.ones(len(coords), np.float32)
     else:
         frac = _coverage(tissue.mask, tissue.scale_x, tissue.scale_y, coords, ex, ey)
-    keep = (frac >= min_tissue) & (frac > 0)
+    keep = (frac >= min_tissue) & (frac > 0) if min_tissue > 0 else np.ones(len(coords), bool)
     return PatchGrid(coords[keep], frac[keep], patch_size, target_mpp, ex, ey, level, ds, len(coords))
 
 

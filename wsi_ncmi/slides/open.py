@@ -40,12 +40,14 @@ def slide_id_for(path: str | os.PathLike) -> str:
     return p.stem
 
 
-def discover_slides(inputs: list[str], recursive: bool = True) -> list[Path]:
+def discover_slides(inputs: list[str], recursive: bool = True, exclude: list[Path] = ()) -> list[Path]:
     """Expand files and folders into a sorted list of slide paths, one per slide.
 
     A folder of ``.dcm`` files is one DICOM slide (OpenSlide opens it from any of its files).
-    Two slides with the same id would overwrite each other's features, so that is an error.
+    Folders in ``exclude`` (the output folder, whose thumbnails are PNGs) and hidden folders are
+    not searched. Two slides with the same id would overwrite each other's features: an error.
     """
+    skip = [Path(e).resolve() for e in exclude]
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -55,7 +57,10 @@ def discover_slides(inputs: list[str], recursive: bool = True) -> list[Path]:
             walker = p.rglob("*") if recursive else p.glob("*")
             dicom_dirs: set[Path] = set()
             for f in sorted(walker):
-                if not f.is_file() or f.name.startswith("."):
+                rel = f.relative_to(p).parts
+                if not f.is_file() or any(part.startswith(".") for part in rel):
+                    continue
+                if skip and any(f.resolve().is_relative_to(e) for e in skip):
                     continue
                 ext = f.suffix.lower()
                 if ext == ".dcm":
