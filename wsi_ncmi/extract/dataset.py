@@ -72,9 +72,7 @@ class PatchTaskDataset(IterableDataset):
                         handles.popitem(last=False)[1].close()
                     reader = PatchReader(slide, task.read_level, task.read_downsample, task.extent_x,
                                          task.extent_y, task.patch_size)
-                    batch = np.empty((len(task.coords), task.patch_size, task.patch_size, 3), np.uint8)
-                    for i, (x, y) in enumerate(task.coords):
-                        batch[i] = reader.read(int(x), int(y))
+                    batch = reader.read_batch(task.coords)
                 except Exception as exc:  # an OpenSlide read error leaves the handle unusable
                     failed.add(task.key)
                     bad = handles.pop(task.path, None)

@@ -107,13 +107,15 @@ class _InFlight:
 class _Extraction:
     """One run of the pipeline over ``todo`` slides; results go to ``summary``."""
 
-    def __init__(self, cfg: ExtractConfig, todo: list[Path], summary: RunSummary, csv_mpp):
+    def __init__(self, cfg: ExtractConfig, todo: list[Path], summary: RunSummary, csv_mpp, encoder=None):
         self.cfg, self.todo, self.summary, self.csv_mpp = cfg, todo, summary, csv_mpp
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
-        from wsi_ncmi.encoders import create_encoder
+        if encoder is None:
+            from wsi_ncmi.encoders import create_encoder
 
-        self.encoder = create_encoder(cfg.encoder, cfg.weights, device=self.device)
+            encoder = create_encoder(cfg.encoder, cfg.weights, device=self.device)
+        self.encoder = encoder.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.encoder.spec.precision, self.device)
         self.batch = cfg.batch_size or (256 if self.device.type == "cuda" else 32)
         self.workers = cfg.resolved_workers()
@@ -325,8 +327,12 @@ class _Extraction:
             raise self.feeder_error
 
 
-def run_extraction(cfg: ExtractConfig) -> RunSummary:
-    """Extract every slide of ``cfg.slides`` (this shard) that has no feature file yet."""
+def run_extraction(cfg: ExtractConfig, encoder=None) -> RunSummary:
+    """Extract every slide of ``cfg.slides`` (this shard) that has no feature file yet.
+
+    ``encoder``: an already built ``Encoder`` to use instead of building ``cfg.encoder`` (keeps a
+    loaded model across runs in a notebook; the benchmark times one model in every stage).
+    """
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +360,7 @@ def run_extraction(cfg: ExtractConfig) -> RunSummary:
             todo.append(p)
     t0 = time.perf_counter()
     if todo:
-        extraction = _Extraction(cfg, todo, summary, csv_mpp)   # loads the encoder
+        extraction = _Extraction(cfg, todo, summary, csv_mpp, encoder)   # loads the encoder
         t0 = time.perf_counter()                                 # tiles/s counts the pipeline only
         extraction.run()
     summary.seconds = time.perf_counter() - t0
