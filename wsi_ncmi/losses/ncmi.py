@@ -1,0 +1,174 @@
+"""NCMI loss: normalized conditional mutual information, minimised by alternating updates.
+
+Ye, Chi, Plataniotis & Yang (2026), "NCMI: ..." arXiv:2601.02543. Related: CMIC-DL (Yang et al.,
+IEEE TNNLS 2025), which adds a CMI constraint to cross-entropy.
+
+A classifier is a Markov chain Y -> X -> P with P(x) the output distribution on the simplex.
+
+* concentration  I(X; P | Y) ~ mean_x KL(P(x) || Q_y): how far a sample lies from its class centroid;
+* separation     Gamma ~ mean_x  1/(C-1) sum_{k != y} KL(Q_k || P(x)): how far from the others';
+* per sample     (KL(P || Q_y) + eps) / (mean_{k != y} KL(Q_k || P) + eps), averaged. No CE term.
+
+The simplex map is the normalised sigmoid NSF(u)_j = sigma(u_j) / sum_l sigma(u_l) (softmax
+collapses to one mode under this objective). Centroids Q_k = NSF(w_k) are learnable, w_k
+initialised to ``init_scale * e_k``. Training alternates on each mini-batch: a *network* step with
+the centroids fixed, then a *centroid* step with the network output fixed (the authors' released
+code never updates its centroids; ``centroids="fixed"`` reproduces that for comparison).
+
+Where P lives is a design choice (``space``):
+* ``"logit"``: NSF over the C class logits / T; C-dim centroids; no centring needed.
+* ``"embedding"``: NSF over the centred, L2-normalised penultimate embedding,
+  u = (z - c) / ||z - c|| / T, with c an EMA (decay 0.9999) of batch-mean embeddings.
+
+Prediction is by the nearest class-mean centroid, argmin_k KL(P(x) || Qbar_k), Qbar_k the mean of P
+over the training samples of class k recomputed each epoch in eval mode (``class_means``); class
+scores for AUC are softmax(-KL / tau), tau fit on validation (``fit_temperature``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-8
+
+
+def nsf(u: torch.Tensor) -> torch.Tensor:
+    """Normalised sigmoid function: sigma(u) / sum sigma(u), positive and summing to one."""
+    s = torch.sigmoid(u)
+    return s / s.sum(dim=-1, keepdim=True)
+
+
+def kl_matrix(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p_i || q_k) for every row pair: (N, m) x (K, m) -> (N, K)."""
+    lp, lq = p.clamp_min(EPS).log(), q.clamp_min(EPS).log()
+    return (p * lp).sum(-1, keepdim=True) - p @ lq.T
+
+
+def ncmi_terms(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample concentration KL(p || q_y) and separation mean_{k != y} KL(q_k || p)."""
+    c = q.shape[0]
+    conc = kl_matrix(p, q).gather(1, y[:, None]).squeeze(1)
+    rev = kl_matrix(q, p).T                                  # (N, K): KL(q_k || p_i)
+    other = torch.ones_like(rev).scatter_(1, y[:, None], 0.0)
+    sep = (rev * other).sum(1) / max(c - 1, 1)
+    return conc, sep
+
+
+def ncmi_ratio(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """The NCMI loss: mean over samples of (concentration + eps) / (separation + eps)."""
+    conc, sep = ncmi_terms(p, q, y)
+    return ((conc + eps) / (sep + eps)).mean()
+
+
+def ncmi_value(p: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Diagnostic NCMI of a set of outputs: Q = class means of P itself (any model, any loss)."""
+    q = class_mean(p, y, num_classes)
+    conc, sep = ncmi_terms(p, q, y)
+    c, s = float(conc.mean()), float(sep.mean())
+    return {"concentration": c, "separation": s, "ncmi": c / s if s > 0 else math.inf}
+
+
+def class_mean(p: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean of P per class (uniform for a class with no sample)."""
+    q = torch.full((num_classes, p.shape[1]), 1.0 / p.shape[1], dtype=p.dtype, device=p.device)
+    for k in range(num_classes):
+        sel = y == k
+        if sel.any():
+            q[k] = p[sel].mean(0)
+    return q
+
+
+class NCMILoss(nn.Module):
+    """NCMI objective with its own learnable centroids and (embedding space) feature centre.
+
+    ``forward(logits, embedding, y, step)``: ``step="network"`` uses detached centroids (gradients
+    reach the network only), ``step="centroid"`` uses the detached output (gradients reach the
+    centroids only). ``distribution`` maps network outputs to P (used for prediction too).
+    """
+
+    alternating_default = True
+
+    def __init__(self, num_classes: int, embed_dim: int | None = None, space: str = "logit",
+                 temperature: float | None = None, centroids: str = "alternating", ema_decay: float = 0.9999,
+                 init_scale: float = 10.0, eps: float = EPS):
+        super().__init__()
+        if space not in ("logit", "embedding"):
+            raise ValueError(f"space must be 'logit' or 'embedding', not {space!r}")
+        if centroids not in ("alternating", "fixed"):
+            raise ValueError(f"centroids must be 'alternating' or 'fixed', not {centroids!r}")
+        if space == "embedding" and (embed_dim is None or embed_dim < num_classes):
+            raise ValueError("embedding-space NCMI needs embed_dim >= num_classes")
+        self.num_classes, self.space, self.centroid_mode, self.eps = num_classes, space, centroids, eps
+        self.temperature = temperature if temperature is not None else (1.0 if space == "logit" else 0.3)
+        m = num_classes if space == "logit" else int(embed_dim)
+        w = torch.zeros(num_classes, m)
+        w[torch.arange(num_classes), torch.arange(num_classes)] = init_scale
+        self.centroid_logits = nn.Parameter(w, requires_grad=centroids == "alternating")
+        self.ema_decay = ema_decay
+        self.register_buffer("centre", torch.zeros(m if space == "embedding" else 0))
+        self.register_buffer("centre_ready", torch.tensor(False))
+
+    @property
+    def alternating(self) -> bool:
+        return self.centroid_mode == "alternating"
+
+    def centroids(self) -> torch.Tensor:
+        return nsf(self.centroid_logits)
+
+    def distribution(self, logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """P for a batch; in training mode (embedding space) this also updates the EMA centre."""
+        if self.space == "logit":
+            return nsf(logits.float() / self.temperature)
+        z = embedding.float()
+        if self.training:
+            with torch.no_grad():
+                mean = z.mean(0)
+                if not bool(self.centre_ready):
+                    self.centre.copy_(mean)
+                    self.centre_ready.fill_(True)
+                else:
+                    self.centre.mul_(self.ema_decay).add_(mean, alpha=1 - self.ema_decay)
+        u = z - self.centre
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6) / self.temperature
+        return nsf(u)
+
+    def forward(self, p: torch.Tensor, y: torch.Tensor, step: str = "network") -> torch.Tensor:
+        if step == "network":
+            return ncmi_ratio(p, self.centroids().detach(), y, self.eps)
+        if step == "centroid":
+            return ncmi_ratio(p.detach(), self.centroids(), y, self.eps)
+        raise ValueError(f"step must be 'network' or 'centroid', not {step!r}")
+
+
+def nearest_centroid(p: torch.Tensor, qbar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction argmin_k KL(p || qbar_k), the KL matrix) for NCMI-trained models."""
+    d = kl_matrix(p, qbar)
+    return d.argmin(1), d
+
+
+def fit_temperature(neg_dist: torch.Tensor, y: torch.Tensor) -> float:
+    """Temperature tau minimising the NLL of softmax(neg_dist / tau) on (validation) labels.
+
+    A 1-D search on a log grid then golden refinement: robust, no optimiser state, deterministic.
+    """
+    if len(y) == 0:
+        return 1.0
+
+    def nll(log_tau: float) -> float:
+        return float(F.cross_entropy(neg_dist / math.exp(log_tau), y))
+
+    grid = [x / 4 for x in range(-40, 25)]          # tau from e^-10 to e^6
+    best = min(grid, key=nll)
+    lo, hi = best - 0.25, best + 0.25
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+    return math.exp((lo + hi) / 2)

@@ -1,0 +1,1 @@
+"""Multiple-instance learning: bag aggregators (``mil.models``) behind one interface."""
