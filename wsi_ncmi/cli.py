@@ -104,6 +104,98 @@ def _cmd_encoders(args) -> int:
     return 0
 
 
+TRAIN_EPILOG = """\
+examples:
+  wsi-ncmi train --task camelyon17 --labels stage_labels.csv --features features/ --model abmil --loss ncmi --out runs/c17
+  wsi-ncmi train --task bracs --slides BRACS_WSI/ --features features/ --loss ce --seeds 5 --out runs/bracs_ce
+  wsi-ncmi train --task csv --labels cohort.csv --features features/ --out runs/mine   # slide_id,label[,split|fold,patient]
+  wsi-ncmi train ... --resume          # continue a killed run from its last epoch
+
+output (in --out): config.yaml, metrics.md / metrics.json (mean +/- std over seeds), and per seed
+best.pt/last.pt, history.csv, predictions_<split>.csv, metrics.json (bootstrap CIs), curves.png,
+test_confusion_roc.png.
+"""
+
+_TRAIN_FLAGS = [
+    ("task", str, "camelyon17, bracs, bracs3 or csv"),
+    ("labels", str, "label file: stage_labels.csv, a BRACS CSV, or slide_id,label[,split|fold,patient]"),
+    ("slides", str, "BRACS_WSI folder (labels and split from the official layout)"),
+    ("features", str, "folder of <slide_id>.h5 (uses features/cohort.zarr when current) or a .zarr"),
+    ("out", str, "run folder (default runs/run)"),
+    ("model", str, "abmil, clam_sb, clam_mb, transmil, dsmil, acmil, meanpool, maxpool (default abmil)"),
+    ("loss", str, "ncmi, ce, weighted_ce, focal, label_smoothing, ce+ncmi (default ncmi)"),
+    ("seeds", int, "number of seeds to train (default 1)"),
+    ("seed", int, "first seed (default 0)"),
+    ("epochs", int, "maximum epochs (default 40)"),
+    ("lr", float, "AdamW learning rate (default 2e-4)"),
+    ("weight_decay", float, "AdamW weight decay (default 1e-4)"),
+    ("centroid_lr", float, "NCMI centroid-step learning rate (default 1e-2)"),
+    ("batch_size", int, "bags per step, padded with masks (default 1)"),
+    ("max_patches", int, "randomly sub-sample training bags to this many patches (default 0 = all)"),
+    ("patience", int, "early-stopping patience in epochs (default 10)"),
+    ("select_metric", str, "validation metric for model selection (default macro_f1)"),
+    ("clip", float, "gradient-norm clipping (default 1.0, 0 = off)"),
+    ("dropout", float, "dropout in the aggregator (default 0.25)"),
+    ("device", str, "auto, cpu, cuda, cuda:1 (default auto)"),
+    ("precision", str, "auto (bf16 on GPU), fp32, bf16, fp16"),
+    ("val_fraction", float, "stratified validation fraction where the task draws one (default 0.1)"),
+    ("split_seed", int, "seed of that validation draw (default 0)"),
+    ("test_fold", int, "for CSVs with a fold column: the test fold (default 0)"),
+    ("ncmi_space", str, "where NCMI's P lives: logit (default) or embedding"),
+    ("ncmi_centroids", str, "alternating (default) or fixed centroids"),
+    ("ncmi_temperature", float, "NSF temperature (default 1.0 logit space, 0.3 embedding space)"),
+    ("ncmi_weight", float, "weight of the NCMI term in ce+ncmi (default 1.0)"),
+    ("focal_gamma", float, "focal-loss gamma (default 2)"),
+    ("label_smoothing", float, "label-smoothing amount (default 0.1)"),
+    ("ram_gb", float, "keep bags in RAM up to this many GB (default 16)"),
+    ("bootstrap", int, "bootstrap resamples for test CIs (default 1000)"),
+]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train attention-MIL aggregators on feature bags (NCMI or baseline losses)",
+                       description="Train an attention-MIL model on extracted features and evaluate it with "
+                                   "macro-F1, AUC and balanced accuracy on the task's standard split.",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML of train settings (configs/train/*.yaml); flags override it")
+    for name, typ, hlp in _TRAIN_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from each seed's last.pt")
+    p.add_argument("--allow-missing", action="store_true", default=None,
+                   help="train without listed slides that have no features (they are reported)")
+    p.add_argument("--quiet", "-q", dest="progress", action="store_false", default=None, help="no progress bars")
+    e = sub.add_parser("evaluate", help="re-score a trained run (writes <run>/evaluate/)")
+    e.add_argument("run", help="run folder of `wsi-ncmi train`")
+    e.add_argument("--features", help="features to score on (default: the run's own)")
+    k = sub.add_parser("pack", help="pack a folder of .h5 features into one zarr cohort cache")
+    k.add_argument("features", help="folder of <slide_id>.h5 files")
+    k.add_argument("out", nargs="?", help="output .zarr (default <features>/cohort.zarr)")
+
+
+def _cmd_train(args) -> int:
+    from wsi_ncmi.train.config import TrainConfig
+    from wsi_ncmi.train.run import run_training
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "config")}
+    run_training(TrainConfig.from_sources(args.config, **overrides))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from wsi_ncmi.train.run import run_evaluation
+
+    run_evaluation(args.run, args.features)
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from wsi_ncmi.store.zarr_cache import pack_features
+
+    print(f"packed into {pack_features(args.features, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsi-ncmi",
@@ -112,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wsi-ncmi {__version__}")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     _add_extract(sub)
+    _add_train(sub)
     i = sub.add_parser("info", help="levels, mpp and whether extraction would succeed, per slide")
     i.add_argument("slides", nargs="+")
     i.add_argument("--mpp", type=float, default=0.5, help="target mpp to check (default 0.5)")
@@ -124,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"extract": _cmd_extract, "info": _cmd_info, "encoders": _cmd_encoders}
+COMMANDS = {"extract": _cmd_extract, "info": _cmd_info, "encoders": _cmd_encoders, "train": _cmd_train,
+            "evaluate": _cmd_evaluate, "pack": _cmd_pack}
 
 
 def main(argv: list[str] | None = None) -> int:

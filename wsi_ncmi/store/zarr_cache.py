@@ -1,0 +1,90 @@
+"""Zarr cohort cache: every slide's features in one array, so an epoch does not reopen 500 files.
+
+``wsi-ncmi pack features/ [features/cohort.zarr]`` concatenates the ``features`` of every HDF5 file
+into one (total_N, D) float16 array chunked in row blocks, with ``offsets`` (S + 1,) so a slide's
+bag is one contiguous slice, plus ``coords``. Slide ids, the dimension and each source file's
+size/mtime are stored as attributes; training uses the cache automatically when it is present
+and still matches the HDF5 files it was made from.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.store.h5 import read_feature_file
+
+CACHE_NAME = "cohort.zarr"
+ROWS_PER_CHUNK = 4096
+
+
+def _h5_files(features_dir: Path) -> list[Path]:
+    return sorted(p for p in features_dir.glob("*.h5") if p.is_file())
+
+
+def pack_features(features_dir: str | Path, out: str | Path | None = None, progress: bool = True) -> Path:
+    features_dir = Path(features_dir)
+    files = _h5_files(features_dir)
+    if not files:
+        raise WsiNcmiError(f"{features_dir}: no .h5 feature files to pack; run `wsi-ncmi extract` first")
+    out = Path(out) if out else features_dir / CACHE_NAME
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sizes, dim = [], None
+    for f in files:
+        ff = read_feature_file(f, features=False)
+        if dim is None:
+            dim = ff.features.shape[1]
+        elif ff.features.shape[1] != dim:
+            raise WsiNcmiError(f"{f}: feature dimension {ff.features.shape[1]} differs from {files[0]} ({dim}); "
+                               "a cache holds one encoder's features")
+        sizes.append(ff.features.shape[0])
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    g = zarr.open_group(str(tmp), mode="w")
+    feats = g.create_array("features", shape=(int(offsets[-1]), dim), dtype="float16",
+                           chunks=(ROWS_PER_CHUNK, dim))
+    coords = g.create_array("coords", shape=(int(offsets[-1]), 2), dtype="int64", chunks=(ROWS_PER_CHUNK * 8, 2))
+    g.create_array("offsets", data=offsets)
+    for i, f in enumerate(tqdm(files, desc="pack", unit="slide", disable=None if progress else True)):
+        ff = read_feature_file(f)
+        feats[offsets[i]:offsets[i + 1]] = ff.features.astype(np.float16)
+        if len(ff.coords):
+            coords[offsets[i]:offsets[i + 1]] = ff.coords
+    g.attrs.update({"slide_ids": [f.stem for f in files], "dim": int(dim),
+                    "sources": {f.stem: [f.stat().st_size, f.stat().st_mtime] for f in files}})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+class ZarrCohort:
+    """Read bags from a packed cache: ``cohort[slide_id] -> (N, D) float16``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        g = zarr.open_group(str(self.path), mode="r")
+        self._features = g["features"]
+        self._offsets = g["offsets"][:]
+        self.slide_ids = list(g.attrs["slide_ids"])
+        self.index = {s: i for i, s in enumerate(self.slide_ids)}
+        self.dim = int(g.attrs["dim"])
+        self.sources = dict(g.attrs.get("sources", {}))
+
+    def __contains__(self, slide_id: str) -> bool:
+        return slide_id in self.index
+
+    def __getitem__(self, slide_id: str) -> np.ndarray:
+        i = self.index[slide_id]
+        return self._features[int(self._offsets[i]):int(self._offsets[i + 1])]
+
+    def is_current(self, features_dir: Path) -> bool:
+        """True when every HDF5 file it was packed from is unchanged and no new one was added."""
+        files = {f.stem: f for f in _h5_files(features_dir)}
+        if set(files) != set(self.sources):
+            return False
+        return all([files[s].stat().st_size, files[s].stat().st_mtime] == list(v) for s, v in self.sources.items())

@@ -1,0 +1,95 @@
+"""Training settings: one dataclass is the single source of defaults (``configs/train/*.yaml``
+override a subset, flags override both); the resolved config is saved in every run folder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from wsi_ncmi.errors import WsiNcmiError
+
+
+@dataclass
+class TrainConfig:
+    task: str = "csv"                 # camelyon17, bracs, bracs3, csv
+    labels: str | None = None         # label file (stage_labels.csv, bracs csv, cohort csv)
+    slides: str | None = None         # BRACS_WSI folder (labels from the official layout)
+    features: str = "features"
+    out: str = "runs/run"
+    model: str = "abmil"
+    loss: str = "ncmi"
+    seeds: int = 1                    # number of seeds, starting at ``seed``
+    seed: int = 0
+    epochs: int = 40
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    centroid_lr: float = 1e-2         # NCMI centroid step (Adam)
+    batch_size: int = 1               # bags per step (padded with masks when > 1)
+    max_patches: int = 0              # random sub-sample of each training bag (0 = all)
+    patience: int = 10                # early stopping on the validation metric
+    select_metric: str = "macro_f1"
+    clip: float = 1.0
+    dropout: float = 0.25
+    device: str = "auto"
+    precision: str = "auto"           # auto = bf16 on GPU, fp32 on CPU
+    deterministic: bool = False
+    resume: bool = False
+    allow_missing: bool = False       # train without listed slides that have no features
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    test_fold: int = 0
+    ncmi_space: str = "logit"         # logit or embedding
+    ncmi_centroids: str = "alternating"
+    ncmi_temperature: float | None = None
+    ncmi_weight: float = 1.0          # for ce+ncmi
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.1
+    ram_gb: float = 16.0              # bags kept in RAM up to this size
+    bootstrap: int = 1000
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        from wsi_ncmi.losses import LOSSES
+        from wsi_ncmi.mil.models import MODELS
+
+        if self.loss not in LOSSES:
+            raise WsiNcmiError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
+        if self.model not in MODELS:
+            raise WsiNcmiError(f"--model {self.model}: choose one of {', '.join(MODELS)}")
+        if self.ncmi_space not in ("logit", "embedding"):
+            raise WsiNcmiError(f"--ncmi-space {self.ncmi_space}: choose logit or embedding")
+        if self.ncmi_centroids not in ("alternating", "fixed"):
+            raise WsiNcmiError(f"--ncmi-centroids {self.ncmi_centroids}: choose alternating or fixed")
+        if self.select_metric not in ("macro_f1", "auc", "balanced_accuracy", "accuracy"):
+            raise WsiNcmiError(f"--select-metric {self.select_metric}: choose macro_f1, auc, balanced_accuracy, accuracy")
+        for name in ("epochs", "seeds", "batch_size"):
+            if getattr(self, name) < 1:
+                raise WsiNcmiError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise WsiNcmiError(f"--precision {self.precision}: choose auto, fp32, bf16, fp16")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump({"train": self.to_dict()}, sort_keys=False))
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None = None, **overrides) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        values: dict = {}
+        if yaml_path:
+            p = Path(yaml_path)
+            if not p.is_file():
+                raise WsiNcmiError(f"{p}: config file not found")
+            data = yaml.safe_load(p.read_text()) or {}
+            data = data.get("train", data)
+            unknown = sorted(set(data) - names)
+            if unknown:
+                raise WsiNcmiError(f"{p}: unknown train settings {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+            values.update(data)
+        values.update({k: v for k, v in overrides.items() if v is not None and k in names})
+        return cls(**values).validate()

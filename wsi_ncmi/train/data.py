@@ -1,0 +1,107 @@
+"""Bags for training: features from HDF5 files, a zarr cohort cache, or RAM.
+
+``FeatureSource`` finds each slide's bag: in ``<features>/cohort.zarr`` when it exists and is
+current (one open array instead of hundreds of files), else in ``<features>/<slide_id>.h5``
+(ours or CLAM/TRIDENT). ``BagStore`` keeps the bags in RAM when they fit in ``ram_gb``, so
+epochs after the first read nothing from disk. Missing slides and dimension mismatches fail
+fast with a message that names the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.store.h5 import read_feature_file
+from wsi_ncmi.store.zarr_cache import CACHE_NAME, ZarrCohort
+
+
+class FeatureSource:
+    def __init__(self, features: str | Path):
+        self.root = Path(features)
+        self.cohort: ZarrCohort | None = None
+        if self.root.suffix == ".zarr" and self.root.is_dir():
+            self.cohort = ZarrCohort(self.root)
+        elif (self.root / CACHE_NAME).is_dir():
+            cohort = ZarrCohort(self.root / CACHE_NAME)
+            if cohort.is_current(self.root):
+                self.cohort = cohort
+            else:
+                print(f"note: {self.root / CACHE_NAME} is older than the .h5 files; reading the .h5 files "
+                      f"(run `wsi-ncmi pack {self.root}` to refresh it)")
+        elif not self.root.is_dir():
+            raise WsiNcmiError(f"{self.root}: features folder not found; pass the --out folder of `wsi-ncmi extract`")
+
+    @property
+    def kind(self) -> str:
+        return "zarr" if self.cohort is not None else "hdf5"
+
+    def has(self, slide_id: str) -> bool:
+        if self.cohort is not None:
+            return slide_id in self.cohort
+        return (self.root / f"{slide_id}.h5").is_file()
+
+    def load(self, slide_id: str) -> np.ndarray:
+        if self.cohort is not None:
+            return np.asarray(self.cohort[slide_id])
+        return read_feature_file(self.root / f"{slide_id}.h5").features
+
+    def where(self, slide_id: str) -> str:
+        return f"{self.cohort.path}[{slide_id}]" if self.cohort is not None else str(self.root / f"{slide_id}.h5")
+
+
+class BagStore:
+    """Bags by slide id, cached in RAM up to ``ram_gb``; checks one feature dimension."""
+
+    def __init__(self, source: FeatureSource, slide_ids: list[str], ram_gb: float = 16.0):
+        self.source = source
+        self.ids = list(slide_ids)
+        self.budget = ram_gb * 2**30
+        self.cache: dict[str, np.ndarray] = {}
+        self.used = 0
+        first = source.load(self.ids[0])
+        self.dim = first.shape[1]
+        self._keep(self.ids[0], first)
+
+    def _keep(self, sid: str, arr: np.ndarray) -> None:
+        if self.used + arr.nbytes <= self.budget:
+            self.cache[sid] = arr
+            self.used += arr.nbytes
+
+    def get(self, sid: str) -> np.ndarray:
+        arr = self.cache.get(sid)
+        if arr is None:
+            arr = self.source.load(sid)
+            if arr.ndim != 2 or arr.shape[1] != self.dim:
+                raise WsiNcmiError(f"{self.source.where(sid)}: features of dimension {arr.shape[-1]}, but "
+                                   f"{self.source.where(self.ids[0])} has {self.dim}; all slides must come from "
+                                   "one encoder")
+            if len(arr) == 0:
+                raise WsiNcmiError(f"{self.source.where(sid)}: empty bag (0 patches); re-extract or drop the slide")
+            self._keep(sid, arr)
+        return arr
+
+
+def collate(bags: list[np.ndarray], device, max_patches: int = 0, gen: torch.Generator | None = None):
+    """Pad bags to one (B, N, D) float32 tensor with a (B, N) mask (None when B == 1).
+
+    With ``max_patches`` > 0 (training), bags longer than that are randomly sub-sampled using ``gen``.
+    """
+    picked = []
+    for b in bags:
+        if max_patches and len(b) > max_patches:
+            idx = torch.randperm(len(b), generator=gen)[:max_patches].sort().values.numpy()
+            b = b[idx]
+        picked.append(torch.from_numpy(np.ascontiguousarray(b)))
+    if len(picked) == 1:
+        return picked[0][None].to(device, dtype=torch.float32, non_blocking=True), None
+    n = max(len(b) for b in picked)
+    x = torch.zeros(len(picked), n, picked[0].shape[1], dtype=torch.float32)
+    mask = torch.zeros(len(picked), n, dtype=torch.bool)
+    for i, b in enumerate(picked):
+        x[i, : len(b)] = b
+        mask[i, : len(b)] = True
+    return x.to(device, non_blocking=True), mask.to(device)

@@ -1,0 +1,197 @@
+"""``wsi-ncmi train`` / ``evaluate``: task -> bags -> one Trainer per seed -> run folder.
+
+Run folder::
+
+    config.yaml                   resolved settings
+    seed_<s>/best.pt, last.pt     checkpoints (best on validation; last for --resume)
+    seed_<s>/history.csv          per-epoch loss, validation metrics and NCMI diagnostics
+    seed_<s>/predictions_<split>.csv   slide_id,label,pred,p_0..p_{C-1},attention_entropy
+    seed_<s>/metrics.json         per split: macro-F1, AUC, balanced acc., acc., per-class F1,
+                                  confusion, NCMI; test bootstrap 95% CIs; CAMELYON-17 patient QWK
+    seed_<s>/curves.png, test_confusion_roc.png
+    metrics.json, metrics.md      mean +/- std over seeds
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.tasks import load_task, pn_stage
+from wsi_ncmi.tasks.base import Task
+from wsi_ncmi.train.config import TrainConfig
+from wsi_ncmi.train.data import BagStore, FeatureSource
+from wsi_ncmi.train.metrics import bootstrap_ci, mean_std, quadratic_kappa
+from wsi_ncmi.train.trainer import Trainer
+
+REPORTED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ncmi")
+
+
+def prepare(cfg: TrainConfig) -> tuple[Task, BagStore, list[str]]:
+    """Load the task and check every listed slide has features (or drop them if allowed)."""
+    task = load_task(cfg.task, cfg.labels, cfg.slides, cfg.val_fraction, cfg.split_seed, cfg.test_fold)
+    source = FeatureSource(cfg.features)
+    missing = [s.slide_id for s in task.slides if not source.has(s.slide_id)]
+    if missing:
+        if not cfg.allow_missing or len(missing) == len(task.slides):
+            where = source.cohort.path if source.cohort is not None else source.root
+            raise WsiNcmiError(
+                f"{where}: {len(missing)} of {len(task.slides)} slides listed in {task.source} have no features "
+                f"(first: {', '.join(missing[:3])}); extract them, or pass --allow-missing to train without them")
+        task.slides = [s for s in task.slides if s.slide_id not in set(missing)]
+        task.notes.append(f"trained without {len(missing)} slides that have no features: {', '.join(missing)}")
+        print(f"warning: {task.notes[-1]}")
+        task.check()
+    store = BagStore(source, [s.slide_id for s in task.slides], cfg.ram_gb)
+    return task, store, missing
+
+
+def _write_predictions(path: Path, o: dict, classes: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "label", "pred"] + [f"p_{k}" for k in range(len(classes))] + ["attention_entropy"])
+        for i, sid in enumerate(o["ids"]):
+            w.writerow([sid, int(o["y"][i]), int(o["pred"][i])] + [f"{float(v):.6f}" for v in o["scores"][i]]
+                       + [f"{o['entropy'][i]:.4f}"])
+
+
+def _patient_kappa(task: Task, o: dict) -> dict | None:
+    """CAMELYON-17: pN stage of each patient with all five nodes predicted, and the QWK."""
+    if task.name != "camelyon17":
+        return None
+    from wsi_ncmi.tasks.camelyon17 import PN_STAGES
+
+    rec = {s.slide_id: s for s in task.slides}
+    pred_nodes: dict[str, list[int]] = {}
+    true_nodes: dict[str, list[int]] = {}
+    for i, sid in enumerate(o["ids"]):
+        p = rec[sid].patient
+        pred_nodes.setdefault(p, []).append(int(o["pred"][i]))
+        true_nodes.setdefault(p, []).append(int(o["y"][i]))
+    pats = sorted(p for p, v in pred_nodes.items() if len(v) == 5)
+    if len(pats) < 2:
+        return None
+    stages = getattr(task, "patient_stages", {})
+    t = [PN_STAGES.index(stages.get(p, pn_stage(true_nodes[p]))) for p in pats]
+    q = [PN_STAGES.index(pn_stage(pred_nodes[p])) for p in pats]
+    return {"patients": len(pats), "qwk": quadratic_kappa(t, q)}
+
+
+def write_seed_outputs(trainer: Trainer, scores: dict[str, dict], out: Path) -> dict:
+    from wsi_ncmi.viz.curves import plot_confusion_roc, plot_history
+
+    task, cfg = trainer.task, trainer.cfg
+    metrics: dict = {"seed": trainer.seed, "best_epoch": trainer.best["epoch"] + 1}
+    for sp, o in scores.items():
+        _write_predictions(out / f"predictions_{sp}.csv", o, task.classes)
+        metrics[sp] = o["metrics"]
+        if "tau" in o:
+            metrics[sp]["score_temperature"] = o["tau"]
+    if "test" in scores:
+        t = scores["test"]
+        metrics["test"]["ci95"] = bootstrap_ci(t["y"].numpy(), t["pred"].numpy(), t["scores"].numpy(),
+                                               task.num_classes, n=cfg.bootstrap, seed=trainer.seed)
+        pk = _patient_kappa(task, t)
+        if pk:
+            metrics["test"]["patient_pn"] = pk
+        plot_confusion_roc(t["y"].numpy(), t["scores"].numpy(), t["metrics"]["confusion"], task.classes,
+                           out / "test_confusion_roc.png", f"{cfg.model} / {cfg.loss} / seed {trainer.seed}: test")
+    if trainer.history:
+        with open(out / "history.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(trainer.history[0]))
+            w.writeheader()
+            w.writerows(trainer.history)
+        plot_history(trainer.history, out / "curves.png", f"{cfg.model} / {cfg.loss} / seed {trainer.seed}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> dict:
+    agg: dict = {"task": task.name, "model": cfg.model, "loss": cfg.loss, "seeds": [m["seed"] for m in per_seed],
+                 "classes": task.classes, "counts": task.counts(), "notes": task.notes}
+    for sp in ("val", "test"):
+        if all(sp in m for m in per_seed):
+            agg[sp] = {k: dict(zip(("mean", "std"), mean_std([m[sp][k] for m in per_seed]))) for k in REPORTED}
+            if all("patient_pn" in m[sp] for m in per_seed):
+                agg[sp]["patient_qwk"] = dict(zip(("mean", "std"), mean_std([m[sp]["patient_pn"]["qwk"] for m in per_seed])))
+    (out / "metrics.json").write_text(json.dumps(agg, indent=2))
+    lines = [f"# {task.name}: {cfg.model} trained with {cfg.loss} ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})", "",
+             "| split | macro-F1 | AUC | balanced acc. | accuracy | NCMI |", "|---|---|---|---|---|---|"]
+    for sp in ("val", "test"):
+        if sp in agg:
+            cells = [f"{agg[sp][k]['mean']:.3f} ± {agg[sp][k]['std']:.3f}" for k in REPORTED]
+            lines.append(f"| {sp} | " + " | ".join(cells) + " |")
+    if "test" in agg and "patient_qwk" in agg["test"]:
+        q = agg["test"]["patient_qwk"]
+        lines += ["", f"CAMELYON-17 patient pN-stage quadratic-weighted kappa (test): {q['mean']:.3f} ± {q['std']:.3f}"]
+    lines += ["", "| seed | best epoch | test macro-F1 (95% CI) | test AUC (95% CI) |", "|---|---|---|---|"]
+    for m in per_seed:
+        if "test" in m:
+            t, ci = m["test"], m["test"]["ci95"]
+            lines.append(f"| {m['seed']} | {m['best_epoch']} | {t['macro_f1']:.3f} ({ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}) "
+                         f"| {t['auc']:.3f} ({ci['auc'][0]:.3f}-{ci['auc'][1]:.3f}) |")
+    lines += ["", "Class counts (train / val / test): " + "; ".join(
+        f"{c}: {agg['counts']['train'][k]}/{agg['counts']['val'][k]}/{agg['counts']['test'][k]}"
+        for k, c in enumerate(task.classes))]
+    lines += [f"Pictures: seed_*/curves.png (loss, validation metrics, NCMI vs accuracy), seed_*/test_confusion_roc.png"]
+    (out / "metrics.md").write_text("\n".join(lines) + "\n")
+    return agg
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task, store, _ = prepare(cfg)
+    cfg.save(out / "config.yaml")
+    print(f"{task.name}: {len(task.slides)} slides, classes {task.classes}, train/val/test "
+          f"{len(task.split('train'))}/{len(task.split('val'))}/{len(task.split('test'))}; features {store.source.kind} "
+          f"({store.dim}-d)", flush=True)
+    per_seed = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        sdir = out / f"seed_{seed}"
+        if cfg.resume and (sdir / "metrics.json").exists():
+            per_seed.append(json.loads((sdir / "metrics.json").read_text()))
+            print(f"seed {seed}: already finished, kept")
+            continue
+        trainer = Trainer(cfg, task, store, seed, sdir)
+        trainer.fit()
+        per_seed.append(write_seed_outputs(trainer, trainer.final_scores(), sdir))
+    agg = aggregate(per_seed, cfg, task, out)
+    print((out / "metrics.md").read_text())
+    return agg
+
+
+def run_evaluation(run: str | Path, features: str | None = None) -> dict:
+    """Re-score a trained run (e.g. on re-extracted features) into ``<run>/evaluate/``."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise WsiNcmiError(f"{run}: not a training run folder (no config.yaml); pass the --out of `wsi-ncmi train`")
+    cfg = TrainConfig.from_sources(str(run / "config.yaml"), features=features, resume=False)
+    task, store, _ = prepare(cfg)
+    out = run / "evaluate"
+    per_seed = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        sdir = run / f"seed_{seed}"
+        if not (sdir / "best.pt").exists():
+            raise WsiNcmiError(f"{sdir}: no best.pt; finish training with `wsi-ncmi train ... --resume`")
+        trainer = Trainer(cfg, task, store, seed, sdir)
+        edir = out / f"seed_{seed}"
+        edir.mkdir(parents=True, exist_ok=True)
+        trainer.history = []
+        trainer.best = torch_best(sdir)
+        per_seed.append(write_seed_outputs(trainer, trainer.final_scores(), edir))
+    agg = aggregate(per_seed, cfg, task, out)
+    print((out / "metrics.md").read_text())
+    return agg
+
+
+def torch_best(sdir: Path) -> dict:
+    import torch
+
+    st = torch.load(sdir / "best.pt", map_location="cpu", weights_only=False)
+    return {"epoch": int(st["epoch"]), "value": float("nan")}

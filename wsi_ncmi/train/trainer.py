@@ -1,0 +1,238 @@
+"""Training one model with one seed: the epoch loop, model selection, checkpoints and scoring.
+
+* AdamW + cosine schedule on the network; for NCMI with alternating centroids, a second optimizer
+  (Adam) on the centroids, stepped right after the network on the same mini-batch.
+* Each epoch: shuffled bags (order and sub-sampling drawn from a generator seeded by seed and
+  epoch), then an eval-mode pass over train (NCMI's class-mean centroids) and val (metrics, NCMI
+  diagnostics). The best epoch on the validation metric is kept (never the test split); training
+  stops after ``patience`` epochs without improvement.
+* ``last.pt`` (atomic) holds everything to continue, RNG states included, so a killed run resumed
+  with ``--resume`` ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.losses import create_objective, fit_temperature, kl_matrix, ncmi_value
+from wsi_ncmi.losses.ncmi import class_mean
+from wsi_ncmi.mil.models import create_mil_model
+from wsi_ncmi.tasks.base import SlideRecord, Task
+from wsi_ncmi.train.config import TrainConfig
+from wsi_ncmi.train.data import BagStore, collate
+from wsi_ncmi.train.metrics import classification_metrics
+
+_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_train_device(cfg: TrainConfig) -> tuple[torch.device, str]:
+    from wsi_ncmi.extract.runner import resolve_device
+
+    dev = resolve_device(cfg.device)
+    prec = cfg.precision if cfg.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    return dev, prec
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, task: Task, store: BagStore, seed: int, out: Path):
+        self.cfg, self.task, self.store, self.seed, self.out = cfg, task, store, seed, out
+        self.device, self.precision = resolve_train_device(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        self.train_set = task.split("train")
+        self.val_set = task.split("val") or self.train_set
+        seed_everything(seed, cfg.deterministic)
+        C = task.num_classes
+        self.model = create_mil_model(cfg.model, store.dim, C, dropout=cfg.dropout).to(self.device)
+        self.objective = create_objective(
+            cfg.loss, C, self.model.embed_dim, [r.label for r in self.train_set], focal_gamma=cfg.focal_gamma,
+            label_smoothing=cfg.label_smoothing, ncmi_space=cfg.ncmi_space, ncmi_centroids=cfg.ncmi_centroids,
+            ncmi_temperature=cfg.ncmi_temperature, ncmi_weight=cfg.ncmi_weight).to(self.device)
+        params = list(self.model.parameters()) + self.objective.network_parameters()
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
+        self.copt = torch.optim.Adam([self.objective.ncmi.centroid_logits], lr=cfg.centroid_lr) \
+            if self.objective.alternating else None
+        self.history: list[dict] = []
+        self.best = {"epoch": -1, "value": -math.inf}
+        self.start_epoch = 0
+
+    # ---- state ------------------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "objective": self.objective.state_dict(),
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "copt": self.copt.state_dict() if self.copt else None, "epoch": epoch, "history": self.history,
+                "best": self.best, "rng": _rng_state(), "config": self.cfg.to_dict(), "seed": self.seed}
+
+    def try_resume(self) -> bool:
+        last = self.out / "last.pt"
+        if not last.exists():
+            return False
+        st = torch.load(last, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(st["model"])
+        self.objective.load_state_dict(st["objective"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        if self.copt and st["copt"]:
+            self.copt.load_state_dict(st["copt"])
+        self.history, self.best, self.start_epoch = st["history"], st["best"], st["epoch"] + 1
+        _set_rng_state(st["rng"])
+        return True
+
+    # ---- one epoch --------------------------------------------------------------------------
+    def _autocast(self):
+        dt = _DT[self.precision]
+        return torch.autocast(self.device.type, dtype=dt, enabled=dt != torch.float32)
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        self.objective.train()
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_set), generator=gen).tolist()
+        bs = self.cfg.batch_size
+        total, count = 0.0, 0
+        bar = tqdm(range(0, len(order), bs), desc=f"seed {self.seed} epoch {epoch + 1}/{self.cfg.epochs}",
+                   unit="step", leave=False, disable=None if self.cfg.progress else True)
+        for start in bar:
+            recs = [self.train_set[i] for i in order[start:start + bs]]
+            x, mask = collate([self.store.get(r.slide_id) for r in recs], self.device, self.cfg.max_patches, gen)
+            y = torch.tensor([r.label for r in recs], device=self.device)
+            with self._autocast():
+                out = self.model(x, mask, y)
+            loss, p = self.objective.network_loss(out.logits.float(), out.embedding.float(), y)
+            if out.aux_loss is not None:
+                loss = loss + self.model.aux_weight * out.aux_loss.float()
+            if not torch.isfinite(loss):
+                raise WsiNcmiError(
+                    f"{self.out}: training diverged at epoch {epoch + 1} on slide {recs[0].slide_id} (loss {float(loss)}); "
+                    f"lower --lr (now {self.cfg.lr}) or use --precision fp32, then rerun with --resume to continue "
+                    "from the last good epoch")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+            self.opt.step()
+            if self.copt is not None:   # centroid step on the same mini-batch, network output fixed
+                self.copt.zero_grad(set_to_none=True)
+                self.objective.centroid_loss(p, y).backward()
+                self.copt.step()
+            total += float(loss) * len(recs)
+            count += len(recs)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        self.sched.step()
+        return total / max(count, 1)
+
+    # ---- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_split(self, records: list[SlideRecord]) -> dict:
+        self.model.eval()
+        self.objective.eval()
+        logits, dists, ent = [], [], []
+        for r in records:
+            x, _ = collate([self.store.get(r.slide_id)], self.device)
+            with self._autocast():
+                out = self.model(x)
+            logits.append(out.logits.float().cpu())
+            dists.append(self.objective.distribution(out.logits.float(), out.embedding.float()).cpu())
+            a = out.attention.float().clamp_min(1e-12) if out.attention is not None else None
+            n = x.shape[1]
+            ent.append(float(-(a * a.log()).sum() / math.log(n)) if a is not None and n > 1 else float("nan"))
+        return {"ids": [r.slide_id for r in records], "y": torch.tensor([r.label for r in records]),
+                "logits": torch.cat(logits), "p": torch.cat(dists), "entropy": ent}
+
+    def score(self, outs: dict[str, dict], ref_train: dict, ref_val: dict) -> dict[str, dict]:
+        """Predictions and class scores per split (NCMI: nearest class-mean centroid, tau from val)."""
+        C = self.task.num_classes
+        result = {}
+        if self.objective.predicts_by_centroid:
+            qbar = class_mean(ref_train["p"], ref_train["y"], C)
+            tau = fit_temperature(-kl_matrix(ref_val["p"], qbar), ref_val["y"])
+            for k, o in outs.items():
+                d = kl_matrix(o["p"], qbar)
+                result[k] = dict(o, pred=d.argmin(1), scores=torch.softmax(-d / tau, 1), tau=tau, qbar=qbar)
+        else:
+            for k, o in outs.items():
+                s = torch.softmax(o["logits"], 1)
+                result[k] = dict(o, pred=s.argmax(1), scores=s)
+        for o in result.values():
+            o["metrics"] = classification_metrics(o["y"].numpy(), o["pred"].numpy(), o["scores"].numpy(), C)
+            o["metrics"].update(ncmi_value(o["p"], o["y"], C))
+        return result
+
+    def evaluate_epoch(self) -> dict[str, dict]:
+        tr = self.forward_split(self.train_set) if self.objective.predicts_by_centroid else None
+        va = self.forward_split(self.val_set)
+        return self.score({"val": va}, tr or va, va)
+
+    # ---- the run ----------------------------------------------------------------------------
+    def fit(self) -> None:
+        if self.cfg.resume and self.try_resume():
+            print(f"seed {self.seed}: resuming after epoch {self.start_epoch} from {self.out / 'last.pt'}")
+        key = self.cfg.select_metric
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            if epoch - self.best["epoch"] > self.cfg.patience and self.best["epoch"] >= 0:
+                break
+            t0 = time.perf_counter()
+            train_loss = self.train_epoch(epoch)
+            val = self.evaluate_epoch()["val"]["metrics"]
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
+                   **{f"val_{k}": val[k] for k in ("macro_f1", "auc", "balanced_accuracy", "accuracy",
+                                                   "concentration", "separation", "ncmi")}}
+            self.history.append(row)
+            value = val[key] if np.isfinite(val[key]) else -math.inf
+            improved = value > self.best["value"] + 1e-9
+            if improved:
+                self.best = {"epoch": epoch, "value": value}
+                _save_atomic({"model": self.model.state_dict(), "objective": self.objective.state_dict(),
+                              "epoch": epoch, "config": self.cfg.to_dict(), "seed": self.seed}, self.out / "best.pt")
+            _save_atomic(self._state(epoch), self.out / "last.pt")
+            print(f"seed {self.seed} epoch {epoch + 1:3d}  loss {train_loss:.4f}  val macro-F1 {val['macro_f1']:.3f} "
+                  f"AUC {val['auc']:.3f}  NCMI {val['ncmi']:.3f}{'  *' if improved else ''}", flush=True)
+
+    def final_scores(self) -> dict[str, dict]:
+        """Reload the best epoch and score every split."""
+        st = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(st["model"])
+        self.objective.load_state_dict(st["objective"])
+        outs = {sp: self.forward_split(self.task.split(sp)) for sp in ("train", "val", "test") if self.task.split(sp)}
+        ref_val = outs.get("val", outs["train"])
+        return self.score(outs, outs["train"], ref_val)
