@@ -155,7 +155,7 @@ class Trainer:
                 self.copt.zero_grad(set_to_none=True)
                 self.objective.centroid_loss(p, y).backward()
                 self.copt.step()
-            total += float(loss) * len(recs)
+            total += float(loss.detach()) * len(recs)
             count += len(recs)
             bar.set_postfix(loss=f"{total / count:.4f}")
         self.sched.step()

@@ -1,0 +1,106 @@
+"""NCMI pieces against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_ncmi.losses import NCMILoss, create_objective, fit_temperature, kl_matrix, ncmi_value, nsf
+from wsi_ncmi.losses.ncmi import class_mean, ncmi_ratio
+
+
+def test_nsf_is_a_positive_normalised_sigmoid():
+    u = torch.tensor([[0.0, 1.0, -2.0], [5.0, 5.0, 5.0]])
+    p = nsf(u)
+    s = 1 / (1 + np.exp(-u.numpy()))
+    assert np.allclose(p.numpy(), s / s.sum(1, keepdims=True))
+    assert (p > 0).all() and torch.allclose(p.sum(1), torch.ones(2))
+    assert torch.allclose(nsf(torch.tensor([[50.0, -50.0]])), torch.tensor([[1.0, 0.0]]), atol=1e-6)
+
+
+def _hand_loss(p, q, y, eps=1e-8):
+    out = []
+    for i in range(len(p)):
+        kl = lambda a, b: sum(a[j] * math.log(a[j] / b[j]) for j in range(len(a)))
+        conc = kl(p[i], q[y[i]])
+        sep = np.mean([kl(q[k], p[i]) for k in range(len(q)) if k != y[i]])
+        out.append((conc + eps) / (sep + eps))
+    return float(np.mean(out))
+
+
+def test_loss_equals_the_formula():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3]])
+    q = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+    y = torch.tensor([0, 2, 1])
+    assert float(ncmi_ratio(p, q, y)) == pytest.approx(_hand_loss(p.numpy(), q.numpy(), y.numpy()), rel=1e-5)
+    assert float(kl_matrix(p, q)[0, 1]) == pytest.approx(sum(p[0, j] * math.log(p[0, j] / q[1, j]) for j in range(3)))
+
+
+def test_alternating_steps_move_only_their_own_parameters():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3)
+    loss_fn = NCMILoss(3, space="logit")
+    x, y = torch.randn(8, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    p = loss_fn.distribution(net(x), None)
+    loss_fn(p, y, "network").backward()
+    assert net.weight.grad.abs().sum() > 0 and loss_fn.centroid_logits.grad is None
+    net.zero_grad()
+    loss_fn(p, y, "centroid").backward()
+    assert loss_fn.centroid_logits.grad.abs().sum() > 0 and net.weight.grad is None
+    assert not NCMILoss(3, centroids="fixed").centroid_logits.requires_grad
+
+
+def test_centroids_start_one_hot_ish():
+    q = NCMILoss(4, space="logit").centroids()
+    assert torch.all(q.argmax(1) == torch.arange(4)) and torch.allclose(q.sum(1), torch.ones(4))
+
+
+def test_class_mean_minimises_concentration():
+    rng = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(40, 4, generator=rng), 1)
+    y = torch.arange(40) % 3
+    qbar = class_mean(p, y, 3)
+    conc = lambda q: float(kl_matrix(p, q).gather(1, y[:, None]).mean())
+    best = conc(qbar)
+    for _ in range(20):
+        other = torch.softmax(torch.log(qbar) + 0.3 * torch.randn(3, 4, generator=rng), 1)
+        assert conc(other) > best
+
+
+def test_embedding_space_centres_with_an_ema_in_training_only():
+    l = NCMILoss(3, embed_dim=6, space="embedding", ema_decay=0.5)
+    z = torch.ones(4, 6)
+    l.train()
+    l.distribution(None, z)
+    assert torch.allclose(l.centre, torch.ones(6))
+    l.distribution(None, 3 * z)
+    assert torch.allclose(l.centre, 2 * torch.ones(6))
+    l.eval()
+    l.distribution(None, 10 * z)
+    assert torch.allclose(l.centre, 2 * torch.ones(6))
+    with pytest.raises(ValueError):
+        NCMILoss(8, embed_dim=4, space="embedding")
+
+
+def test_ncmi_value_is_small_for_concentrated_separated_outputs():
+    y = torch.arange(30) % 3
+    good = torch.softmax(10 * torch.nn.functional.one_hot(y, 3).float(), 1)
+    bad = torch.softmax(torch.randn(30, 3), 1)
+    assert ncmi_value(good, y, 3)["ncmi"] < 1e-3 < ncmi_value(bad, y, 3)["ncmi"]
+
+
+def test_temperature_fit_recovers_the_generating_temperature():
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(4000, 4, generator=g) * 3
+    y = torch.multinomial(torch.softmax(-d / 0.5, 1), 1, generator=g).squeeze(1)
+    assert fit_temperature(-d, y) == pytest.approx(0.5, rel=0.1)
+
+
+def test_objective_ce_plus_ncmi_adds_the_terms():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    both = create_objective("ce+ncmi", 3, 8, ncmi_weight=0.5)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    n = ncmi_ratio(nsf(logits), both.ncmi.centroids(), y)
+    assert float(both.network_loss(logits, None, y)[0].detach()) == pytest.approx(float(ce + 0.5 * n), rel=1e-5)

@@ -1,0 +1,180 @@
+"""Training on generated bags written as real HDF5 files: learning, NCMI diagnostics, resume."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.mil.models import MODELS
+from wsi_ncmi.mil.synthetic import make_cohort
+from wsi_ncmi.store.zarr_cache import pack_features
+from wsi_ncmi.train.config import TrainConfig
+from wsi_ncmi.train.data import FeatureSource
+from wsi_ncmi.train.run import run_evaluation, run_training
+
+from conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    # label = number of "tumour" instances (0 / 1-3 / 4-15 / 16+), like negative/ITC/micro/macro
+    return make_cohort(tmp_path_factory.mktemp("bags"), n_slides=64, dim=16, bag_size=(40, 80), separation=6.0)
+
+
+def _cfg(cohort, out, **kw):
+    base = dict(task="csv", labels=str(cohort / "labels.csv"), features=str(cohort / "features"), out=str(out),
+                epochs=12, lr=1e-3, progress=False, bootstrap=100)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _quiet(fn, *a):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*a)
+
+
+@pytest.mark.parametrize("loss", ["ce", "ncmi"])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_aggregator_learns_with_ce_and_ncmi(cohort, tmp_path, model, loss):
+    # NCMI at the default lr (2e-4); CE needs more steps at that lr on 40 bags, so it gets 1e-3
+    # (NCMI at 1e-3 is unstable for CLAM-SB here: see the closing note of the training issue)
+    lr = 1e-3 if loss == "ce" else 2e-4
+    agg = _quiet(run_training, _cfg(cohort, tmp_path / "run", model=model, loss=loss, lr=lr, epochs=15))
+    # chance is 0.25 balanced accuracy on 4 balanced classes; 12 val + 12 test slides
+    val, test = agg["val"]["balanced_accuracy"]["mean"], agg["test"]["balanced_accuracy"]["mean"]
+    assert val >= 0.6 and test >= 0.5, (val, test)
+
+
+def test_validation_ncmi_falls_as_accuracy_rises(cohort, tmp_path):
+    for loss, lr in (("ce", 1e-3), ("ncmi", 2e-4)):   # each at a learning rate where it learns
+        _quiet(run_training, _cfg(cohort, tmp_path / loss, loss=loss, lr=lr, epochs=15, patience=20))
+        with open(tmp_path / loss / "seed_0" / "history.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        acc = np.array([float(r["val_accuracy"]) for r in rows])
+        ncmi = np.array([float(r["val_ncmi"]) for r in rows])
+        assert acc[-3:].mean() > acc[:2].mean() and ncmi[-3:].mean() < ncmi[:2].mean(), loss
+        assert np.corrcoef(acc, ncmi)[0, 1] < -0.3, loss
+
+
+def test_run_folder_contents(cohort, tmp_path):
+    out = tmp_path / "run"
+    agg = _quiet(run_training, _cfg(cohort, out, seeds=2, epochs=4, model="abmil", loss="ncmi"))
+    assert agg["seeds"] == [0, 1] and set(agg["test"]) >= {"macro_f1", "auc", "balanced_accuracy", "ncmi"}
+    for f in ("config.yaml", "metrics.md", "metrics.json"):
+        assert (out / f).is_file()
+    s0 = out / "seed_0"
+    for f in ("best.pt", "last.pt", "history.csv", "metrics.json", "curves.png", "test_confusion_roc.png",
+              "predictions_train.csv", "predictions_val.csv", "predictions_test.csv"):
+        assert (s0 / f).is_file(), f
+    m = json.loads((s0 / "metrics.json").read_text())
+    t = m["test"]
+    assert t["ci95"]["macro_f1"][0] <= t["macro_f1"] <= t["ci95"]["macro_f1"][1]
+    assert 0 < m["val"]["score_temperature"] and len(t["per_class_f1"]) == 4
+    with open(s0 / "predictions_test.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["slide_id", "label", "pred", "p_0", "p_1", "p_2", "p_3", "attention_entropy"]
+    assert all(abs(sum(float(r[f"p_{k}"]) for k in range(4)) - 1) < 1e-4 for r in rows)
+    assert "± " in (out / "metrics.md").read_text()
+
+
+def test_evaluate_rescores_to_the_same_numbers(cohort, tmp_path):
+    out = tmp_path / "run"
+    _quiet(run_training, _cfg(cohort, out, epochs=4))
+    agg = _quiet(run_evaluation, out)
+    first = json.loads((out / "seed_0" / "metrics.json").read_text())["test"]
+    again = json.loads((out / "evaluate" / "seed_0" / "metrics.json").read_text())["test"]
+    assert again["macro_f1"] == first["macro_f1"] and again["auc"] == pytest.approx(first["auc"])
+    assert agg["test"]["macro_f1"]["mean"] == first["macro_f1"]
+
+
+def test_killed_training_resumes_to_the_same_result(cohort, tmp_path):
+    args = ["train", "--task", "csv", "--labels", str(cohort / "labels.csv"), "--features", str(cohort / "features"),
+            "--epochs", "6", "--patience", "20", "--lr", "1e-3", "--bootstrap", "50", "-q"]
+    full = run_cli(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-m", "wsi_ncmi", *args, "--out", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in p.stdout:
+        if "epoch   3" in line:
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    assert not (out / "metrics.md").exists()
+    res = run_cli(*args, "--out", str(out), "--resume")
+    assert res.returncode == 0 and "resuming after epoch 3" in res.stdout, res.stdout + res.stderr
+    a = (tmp_path / "full" / "seed_0" / "predictions_test.csv").read_text()
+    b = (out / "seed_0" / "predictions_test.csv").read_text()
+    assert a == b
+    ha = (tmp_path / "full" / "seed_0" / "history.csv").read_text().splitlines()
+    hb = (out / "seed_0" / "history.csv").read_text().splitlines()
+    strip = lambda rows: [",".join(r.split(",")[:2] + r.split(",")[3:]) for r in rows]   # drop timing column
+    assert strip(ha) == strip(hb)
+
+
+def test_zarr_cache_is_used_and_matches(cohort, tmp_path):
+    import shutil
+
+    feats = tmp_path / "features"
+    shutil.copytree(cohort / "features", feats)
+    pack_features(feats, progress=False)
+    src = FeatureSource(feats)
+    assert src.kind == "zarr"
+    h5 = FeatureSource(cohort / "features")
+    assert np.array_equal(src.load("bag_0003"), h5.load("bag_0003").astype(np.float16))
+    (feats / "bag_0003.h5").touch()   # a changed source file makes the cache stale: fall back to HDF5
+    with contextlib.redirect_stdout(io.StringIO()) as s:
+        assert FeatureSource(feats).kind == "hdf5"
+    assert "wsi-ncmi pack" in s.getvalue()
+
+
+def test_missing_features_are_reported_or_skipped_on_request(cohort, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text((cohort / "labels.csv").read_text() + "ghost_1,0,train\nghost_2,1,test\n")
+    cfg = _cfg(cohort, tmp_path / "r", epochs=2)
+    cfg.labels = str(labels)
+    with pytest.raises(WsiNcmiError, match=r"2 of 66 slides .* have no features \(first: ghost_1, ghost_2\).*--allow-missing"):
+        run_training(cfg)
+    cfg.allow_missing = True
+    agg = _quiet(run_training, cfg)
+    assert "ghost_1" in agg["notes"][0]
+
+
+def test_feature_dimension_mismatch_fails_fast(cohort, tmp_path):
+    import shutil
+
+    from wsi_ncmi.store import FeatureWriter
+
+    feats = tmp_path / "f"
+    shutil.copytree(cohort / "features", feats)
+    w = FeatureWriter(feats / "bag_0005.h5", feats / ".p", np.zeros((3, 2)), 7, "float32")
+    w.write(0, np.zeros((3, 7), np.float32))
+    w.commit()
+    cfg = _cfg(cohort, tmp_path / "r", epochs=1)
+    cfg.features = str(feats)
+    with pytest.raises(WsiNcmiError, match=r"bag_0005.h5: features of dimension 7, but .* has 16"):
+        _quiet(run_training, cfg)
+
+
+def test_train_cli_errors_and_help():
+    res = run_cli("train", "--task", "camelyon17", "--features", "nowhere")
+    assert res.returncode == 2 and "needs --labels stage_labels.csv" in res.stderr
+    res = run_cli("train", "--loss", "hinge")
+    assert res.returncode == 2 and "--loss hinge: choose one of" in res.stderr
+    assert "ncmi" in run_cli("train", "--help").stdout
+
+
+def test_train_configs_are_valid():
+    for f in sorted((ROOT / "configs" / "train").glob("*.yaml")):
+        TrainConfig.from_sources(str(f))
