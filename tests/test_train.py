@@ -178,3 +178,51 @@ def test_train_cli_errors_and_help():
 def test_train_configs_are_valid():
     for f in sorted((ROOT / "configs" / "train").glob("*.yaml")):
         TrainConfig.from_sources(str(f))
+
+
+def test_camelyon17_run_reports_patient_pn_kappa(tmp_path):
+    """Node bags named as in the challenge, labels in the official stage_labels.csv format."""
+    from wsi_ncmi.mil.synthetic import make_bag
+    from wsi_ncmi.store import FeatureWriter
+    from wsi_ncmi.tasks import pn_stage
+    from wsi_ncmi.tasks.camelyon17 import CLASSES
+
+    rng = np.random.default_rng(0)
+    dim = 8
+    centres, tumour = rng.standard_normal((3, dim)) * 2, np.full(dim, 6.0)
+    feats = tmp_path / "features"
+    lines = ["patient,stage"]
+    for pid in [p for c in range(5) for p in range(20 * c, 20 * c + 5)]:
+        labels = [int(v) for v in rng.integers(0, 4, 5)]
+        lines.append(f"patient_{pid:03d}.zip,{pn_stage(labels)}")
+        for node, lab in enumerate(labels):
+            sid = f"patient_{pid:03d}_node_{node}"
+            x, _ = make_bag(rng, lab, 50, dim, centres, tumour)
+            w = FeatureWriter(feats / f"{sid}.h5", feats / ".p", np.zeros((50, 2)), dim, "float32")
+            w.write(0, x)
+            w.commit()
+            lines.append(f"{sid}.tif,{CLASSES[lab]}")
+    (tmp_path / "stage_labels.csv").write_text("\n".join(lines) + "\n")
+    cfg = TrainConfig(task="camelyon17", labels=str(tmp_path / "stage_labels.csv"), features=str(feats),
+                      out=str(tmp_path / "run"), epochs=3, lr=1e-3, progress=False, bootstrap=20, loss="ce")
+    agg = _quiet(run_training, cfg)
+    m = json.loads((tmp_path / "run" / "seed_0" / "metrics.json").read_text())
+    assert m["test"]["patient_pn"]["patients"] == 10 and -1 <= m["test"]["patient_pn"]["qwk"] <= 1
+    assert "patient_qwk" in agg["test"] and "pN-stage" in (tmp_path / "run" / "metrics.md").read_text()
+    assert agg["counts"]["test"] == [sum(1 for l in lines[1:] if "node" in l and int(l[8:11]) >= 60 and l.endswith(c))
+                                     for c in CLASSES]
+
+
+def test_divergence_stops_with_a_clear_message(cohort, tmp_path):
+    import shutil
+
+    import h5py
+
+    feats = tmp_path / "f"
+    shutil.copytree(cohort / "features", feats)
+    with h5py.File(feats / "bag_0000.h5", "r+") as f:   # a corrupt bag the writer would have refused
+        f["features"][0, 0] = np.inf
+    cfg = _cfg(cohort, tmp_path / "r", epochs=2, loss="ce")
+    cfg.features = str(feats)
+    with pytest.raises(WsiNcmiError, match="training diverged at epoch 1 .*--resume"):
+        _quiet(run_training, cfg)

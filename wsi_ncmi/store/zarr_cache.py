@@ -20,7 +20,7 @@ from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.store.h5 import read_feature_file
 
 CACHE_NAME = "cohort.zarr"
-ROWS_PER_CHUNK = 4096
+ROWS_PER_CHUNK = 1024   # 2 MiB of 1024-d float16: a bag over-reads at most one partial chunk per end
 
 
 def _h5_files(features_dir: Path) -> list[Path]:
@@ -46,9 +46,11 @@ def pack_features(features_dir: str | Path, out: str | Path | None = None, progr
         sizes.append(ff.features.shape[0])
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     g = zarr.open_group(str(tmp), mode="w")
+    # uncompressed: embeddings do not compress, and decoding cost more than it saved (measured)
     feats = g.create_array("features", shape=(int(offsets[-1]), dim), dtype="float16",
-                           chunks=(ROWS_PER_CHUNK, dim))
-    coords = g.create_array("coords", shape=(int(offsets[-1]), 2), dtype="int64", chunks=(ROWS_PER_CHUNK * 8, 2))
+                           chunks=(ROWS_PER_CHUNK, dim), compressors=None)
+    coords = g.create_array("coords", shape=(int(offsets[-1]), 2), dtype="int64", chunks=(ROWS_PER_CHUNK * 8, 2),
+                            compressors=None)
     g.create_array("offsets", data=offsets)
     for i, f in enumerate(tqdm(files, desc="pack", unit="slide", disable=None if progress else True)):
         ff = read_feature_file(f)
