@@ -102,5 +102,6 @@ def test_objective_ce_plus_ncmi_adds_the_terms():
     logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
     both = create_objective("ce+ncmi", 3, 8, ncmi_weight=0.5)
     ce = torch.nn.functional.cross_entropy(logits, y)
-    n = ncmi_ratio(nsf(logits), both.ncmi.centroids(), y)
+    u = logits / logits.norm(dim=1, keepdim=True) / 0.3     # logit space: normalised logits / T
+    n = ncmi_ratio(nsf(u), both.ncmi.centroids(), y)
     assert float(both.network_loss(logits, None, y)[0].detach()) == pytest.approx(float(ce + 0.5 * n), rel=1e-5)

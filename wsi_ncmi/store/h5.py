@@ -84,7 +84,7 @@ class FeatureWriter:
         return self.filled >= self.n
 
     def write(self, start: int, feats: np.ndarray) -> None:
-        if self.dtype == np.float16 and feats.size and float(np.abs(feats).max()) > np.finfo(np.float16).max:
+        if self.dtype == np.float16 and feats.size and float(np.abs(feats).max()) > float(np.finfo(np.float16).max):
             raise OverflowError("features exceed the float16 range; rerun with --feature-dtype float32")
         if not np.isfinite(feats).all():
             raise FloatingPointError("the encoder produced NaN/inf features; try --precision fp32")
