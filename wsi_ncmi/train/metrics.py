@@ -55,7 +55,10 @@ def bootstrap_ci(y, pred, scores, num_classes: int, n: int = 1000, seed: int = 0
 
 
 def quadratic_kappa(a, b) -> float:
-    return float(cohen_kappa_score(a, b, weights="quadratic"))
+    """Quadratic-weighted kappa; NaN when undefined (e.g. every patient has the same stage)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(cohen_kappa_score(a, b, weights="quadratic"))
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -1,0 +1,83 @@
+"""The demo: slide geometry gives the labels; a reduced demo runs end to end and resumes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+
+from wsi_ncmi.demo.cohort import CLASSES, build_cohort, label_from_diameters
+from wsi_ncmi.slides.open import rgba_to_rgb
+
+
+def test_label_rule():
+    assert [label_from_diameters(d) for d in ([], [150.0], [150.0, 250.0], [1999.0], [2100.0, 100.0])] == [0, 1, 2, 2, 3]
+
+
+def measured_diameter(path: str, lesion: dict) -> float:
+    """Diameter of the tumour-coloured disc around a lesion's centre, from the slide's own pixels.
+
+    Radial profile of the fraction of tumour-coloured pixels (G/B < 0.62: the implant is
+    hyperchromatic); the edge is the outermost radius where the profile is still above half-way
+    between the disc's inside and the surrounding tissue.
+    """
+    s = openslide.OpenSlide(path)
+    mpp0 = float(s.properties["openslide.mpp-x"])
+    r_um = lesion["diameter_um"] / 2
+    level = max(i for i, d in enumerate(s.level_downsamples) if d * mpp0 <= max(mpp0, r_um / 40))
+    mpp = mpp0 * s.level_downsamples[level]
+    R = 1.6 * r_um + 60
+    size = int(2 * R / mpp)
+    img = rgba_to_rgb(s.read_region((int((lesion["x_um"] - R) / mpp0), int((lesion["y_um"] - R) / mpp0)), level,
+                                    (size, size))).astype(np.float32)
+    s.close()
+    tum = (img[..., 1] / np.maximum(img[..., 2], 1) < 0.62).astype(np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    rr = np.hypot(xx + 0.5 - R / mpp, yy + 0.5 - R / mpp) * mpp
+    step = max(mpp, r_um / 30)
+    edges = np.arange(0, R - step, step)
+    prof = np.array([tum[(rr >= a) & (rr < a + step)].mean() for a in edges])
+    inside, outside = prof[: max(1, len(prof) // 4)].mean(), prof[-5:].mean()
+    above = np.nonzero(prof >= (inside + outside) / 2)[0]
+    return 2 * (edges[above[-1]] + step)
+
+
+def test_demo_labels_follow_the_lesion_sizes_in_the_slides(tmp_path):
+    out = build_cohort(tmp_path, patients_per_centre=1, nodes=4, centres=1, progress=False)
+    plan = json.loads((out / "lesions.json").read_text())
+    assert sorted(s["label"] for s in plan) == [0, 1, 2, 3]
+    stage = (out / "stage_labels.csv").read_text()
+    for s in plan:
+        assert f"{s['slide_id']}.tif,{CLASSES[s['label']]}" in stage
+        measured = [measured_diameter(s["path"], les) for les in s["lesions"]]
+        for les, m in zip(s["lesions"], measured):
+            assert abs(m - les["diameter_um"]) <= 0.1 * les["diameter_um"] + 10, (s["slide_id"], les, m)
+        assert label_from_diameters(measured) == s["label"]   # the label follows from the pixels
+        sl = openslide.OpenSlide(s["path"])
+        assert float(sl.properties["openslide.mpp-x"]) == pytest.approx(1.0) and sl.level_count >= 3
+
+
+@pytest.mark.slow
+def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
+    from wsi_ncmi.demo.run import run_demo
+
+    kw = dict(patients_per_centre=1, nodes=2, seeds=1, epochs=4, width_um=3000, height_um=2400)
+    res = run_demo(tmp_path, **kw)
+    first = capsys.readouterr().out
+    assert set(res) == {"ncmi", "ce"} and "| ncmi |" in first and "| ce |" in first
+    for loss in ("ncmi", "ce"):
+        run = tmp_path / "runs" / loss
+        m = json.loads((run / "metrics.json").read_text())
+        assert 0 <= m["test"]["macro_f1"]["mean"] <= 1 and m["task"] == "camelyon17"
+        assert (run / "seed_0" / "curves.png").stat().st_size > 5000
+        assert len(list((run / "heatmaps").glob("*.png"))) >= 1
+    assert len(list((tmp_path / "features").glob("*.h5"))) == 10
+    report = (tmp_path / "report.md").read_text()
+    for link in [l.split("](")[1].rstrip(")") for l in report.splitlines() if l.startswith("![")]:
+        assert (tmp_path / link).is_file(), link
+    run_demo(tmp_path, **kw)
+    second = capsys.readouterr().out
+    assert "all 10 slides are already extracted" in second
+    again = json.loads((tmp_path / "runs" / "ncmi" / "metrics.json").read_text())
+    assert again["test"] == json.loads(json.dumps(res["ncmi"]["test"]))
