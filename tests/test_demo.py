@@ -1,7 +1,6 @@
 """The demo: slide geometry gives the labels; a reduced demo runs end to end and resumes."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import openslide

@@ -1,6 +1,5 @@
 """Task parsing from the datasets' own files, and metrics against scikit-learn."""
 
-import shutil
 from collections import Counter
 from pathlib import Path
 

@@ -7,12 +7,11 @@ loads a YAML of any subset, and command-line flags override both.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
-import yaml
 
 from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.settings import merge_settings
 from wsi_ncmi.slides.mpp import check_mpp_value
 from wsi_ncmi.slides.tissue import TissueParams
 
@@ -86,18 +85,4 @@ class ExtractConfig:
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, **overrides) -> "ExtractConfig":
         """Defaults < YAML file < explicit overrides (``None`` means "not given")."""
-        values: dict = {}
-        names = {f.name for f in fields(cls)}
-        if yaml_path:
-            p = Path(yaml_path)
-            if not p.is_file():
-                raise WsiNcmiError(f"{p}: config file not found")
-            data = yaml.safe_load(p.read_text()) or {}
-            data = data.get("extract", data)
-            unknown = sorted(set(data) - names)
-            if unknown:
-                raise WsiNcmiError(f"{p}: unknown extract settings {', '.join(unknown)}; "
-                                   f"valid: {', '.join(sorted(names))}")
-            values.update(data)
-        values.update({k: v for k, v in overrides.items() if v is not None and k in names})
-        return cls(**values).validate()
+        return merge_settings(cls, "extract", yaml_path, overrides)

@@ -3,12 +3,13 @@ override a subset, flags override both); the resolved config is saved in every r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.settings import merge_settings
 
 
 @dataclass
@@ -79,17 +80,5 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, **overrides) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        values: dict = {}
-        if yaml_path:
-            p = Path(yaml_path)
-            if not p.is_file():
-                raise WsiNcmiError(f"{p}: config file not found")
-            data = yaml.safe_load(p.read_text()) or {}
-            data = data.get("train", data)
-            unknown = sorted(set(data) - names)
-            if unknown:
-                raise WsiNcmiError(f"{p}: unknown train settings {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-            values.update(data)
-        values.update({k: v for k, v in overrides.items() if v is not None and k in names})
-        return cls(**values).validate()
+        """Defaults < YAML file < explicit overrides (``None`` means "not given")."""
+        return merge_settings(cls, "train", yaml_path, overrides)

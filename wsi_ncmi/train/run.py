@@ -18,7 +18,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.tasks import load_task, pn_stage
@@ -137,7 +136,7 @@ def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> 
     lines += ["", "Class counts (train / val / test): " + "; ".join(
         f"{c}: {agg['counts']['train'][k]}/{agg['counts']['val'][k]}/{agg['counts']['test'][k]}"
         for k, c in enumerate(task.classes))]
-    lines += [f"Pictures: seed_*/curves.png (loss, validation metrics, NCMI vs accuracy), seed_*/test_confusion_roc.png"]
+    lines += ["Pictures: seed_*/curves.png (loss, validation metrics, NCMI vs accuracy), seed_*/test_confusion_roc.png"]
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
     return agg
 

@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _finish(fig, path: Path, title: str) -> Path:
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_history(history: list[dict], path: Path, title: str = "") -> Path:
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -24,12 +33,7 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> Path:
     sc = ax[2].scatter([h["val_accuracy"] for h in history], [h["val_ncmi"] for h in history], c=ep, cmap="viridis")
     fig.colorbar(sc, ax=ax[2], label="epoch")
     ax[2].set(title="validation NCMI vs accuracy", xlabel="accuracy", ylabel="NCMI (concentration / separation)")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title)
 
 
 def plot_confusion_roc(y: np.ndarray, scores: np.ndarray, confusion: list[list[int]], classes: list[str],
@@ -55,9 +59,4 @@ def plot_confusion_roc(y: np.ndarray, scores: np.ndarray, confusion: list[list[i
     ax[1].plot([0, 1], [0, 1], "k:", lw=0.8)
     ax[1].set(title="ROC (one vs rest)", xlabel="false positive rate", ylabel="true positive rate")
     ax[1].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title)
