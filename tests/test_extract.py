@@ -208,3 +208,21 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.returncode == 2 and "--mpp" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("extract", str(tmp_path), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "no slides found" in res.stderr
+
+
+def test_plain_png_roi_needs_and_uses_slide_mpp(tmp_path, cmu_svs):
+    import openslide
+    from PIL import Image
+
+    s = openslide.OpenSlide(str(cmu_svs))
+    roi = s.read_region((0, 0), 0, (1200, 1400)).convert("RGB")
+    d = tmp_path / "rois"
+    d.mkdir()
+    roi.save(d / "roi_1.png")
+    res = run_cli("extract", str(d), "--out", str(tmp_path / "f"), *FAST)
+    assert res.returncode == 1 and "[missing-mpp]" in res.stdout and "roi_1.png" in res.stdout
+    res = run_cli("extract", str(d), "--out", str(tmp_path / "f"), *FAST, "--slide-mpp", "0.499")
+    assert res.returncode == 0, res.stdout + res.stderr
+    ff = read_feature_file(tmp_path / "f" / "roi_1.h5")
+    assert ff.attrs["mpp_source"] == "flag:--slide-mpp" and ff.attrs["slide_vendor"] == "image"
+    assert len(ff.features) > 0 and (ff.coords[:, 0] + ff.attrs["patch_size_level0_x"] <= 1200 + 1e-6).all()

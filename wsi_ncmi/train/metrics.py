@@ -23,7 +23,13 @@ def macro_auc(y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def classification_metrics(y, pred, scores, num_classes: int) -> dict:
-    y, pred, scores = np.asarray(y), np.asarray(pred), np.asarray(scores, dtype=np.float64)
+    """Small splits and bootstrap resamples can miss a class; sklearn's warnings about that are muted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _metrics(np.asarray(y), np.asarray(pred), np.asarray(scores, dtype=np.float64), num_classes)
+
+
+def _metrics(y, pred, scores, num_classes: int) -> dict:
     labels = list(range(num_classes))
     return {
         "n": int(len(y)),
@@ -44,9 +50,7 @@ def bootstrap_ci(y, pred, scores, num_classes: int, n: int = 1000, seed: int = 0
     draws = {k: [] for k in keys}
     for _ in range(n):
         idx = rng.integers(0, len(y), len(y))
-        with warnings.catch_warnings():  # a resample can miss a class; that is expected here
-            warnings.simplefilter("ignore")
-            m = classification_metrics(y[idx], pred[idx], scores[idx], num_classes)
+        m = classification_metrics(y[idx], pred[idx], scores[idx], num_classes)
         for k in keys:
             if np.isfinite(m[k]):
                 draws[k].append(m[k])
