@@ -178,7 +178,7 @@ def _add_train(sub) -> None:
                                    "lesions; runs on a CPU in minutes and is resumable.")
     d.add_argument("--out", default="wsi-ncmi-demo", help="demo folder (default wsi-ncmi-demo)")
     d.add_argument("--patients-per-centre", type=int, default=2, help="patients per centre, 5 nodes each (default 2)")
-    d.add_argument("--seeds", type=int, default=3)
+    d.add_argument("--seeds", type=int, default=5)
     d.add_argument("--epochs", type=int, default=40)
     d.add_argument("--verbose", action="store_true", help="show the training log")
     r = sub.add_parser("report", help="one comparison table over several training runs")

@@ -18,7 +18,7 @@ from wsi_ncmi.demo.cohort import build_cohort
 DEMO_EXTRACT = dict(encoder="efficientnet_lite0", mpp=2.0, patch_size=224, min_tissue=0.5)
 
 
-def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre: int = 2, nodes: int = 5, seeds: int = 3,
+def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre: int = 2, nodes: int = 5, seeds: int = 5,
              epochs: int = 40, losses: tuple[str, ...] = ("ncmi", "ce"), verbose: bool = False,
              width_um: float = 5600, height_um: float = 4200) -> dict:
     from wsi_ncmi.extract import ExtractConfig, run_extraction
@@ -41,7 +41,8 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre: int = 2, no
         print(f"[3/4] training gated ABMIL with {loss}, {seeds} seed(s), centres 0-2 -> 3-4", flush=True)
         cfg = TrainConfig(task="camelyon17", labels=str(out / "stage_labels.csv"), features=str(out / "features"),
                           out=str(out / "runs" / loss), model="abmil", loss=loss, seeds=seeds, epochs=epochs,
-                          resume=True, progress=False, bootstrap=200)
+                          resume=True, progress=False, bootstrap=200,
+                          val_fraction=0.2)   # ~2 validation slides per class: selection and NCMI need more than one
         with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
             results[loss] = run_training(cfg)
     print("[4/4] attention heatmaps", flush=True)

@@ -69,10 +69,13 @@ def ncmi_ratio(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor, eps: float = E
 
 
 def ncmi_value(p: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Diagnostic NCMI of a set of outputs: Q = class means of P itself (any model, any loss)."""
+    """Diagnostic NCMI of a set of outputs: Q = class means of P itself (any model, any loss).
+
+    Needs a few samples per class: with one, its class mean is itself and concentration is 0.
+    """
     q = class_mean(p, y, num_classes)
     conc, sep = ncmi_terms(p, q, y)
-    c, s = float(conc.mean()), float(sep.mean())
+    c, s = max(0.0, float(conc.mean())), max(0.0, float(sep.mean()))   # KL >= 0; negatives are round-off
     return {"concentration": c, "separation": s, "ncmi": c / s if s > 0 else math.inf}
 
 
