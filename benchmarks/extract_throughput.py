@@ -32,7 +32,7 @@ import torch
 
 from wsi_ncmi.encoders import create_encoder
 from wsi_ncmi.extract import ExtractConfig, run_extraction
-from wsi_ncmi.extract.dataset import PatchTask, PatchTaskDataset
+from wsi_ncmi.extract.dataset import grid_tasks, make_task_loader
 from wsi_ncmi.extract.plan import plan_slide
 from wsi_ncmi.extract.runner import resolve_device, resolve_precision
 from wsi_ncmi.slides.tiff_writer import write_tiled_tiff_streaming
@@ -68,22 +68,13 @@ def make_slide(path: Path, tiles: int, patch_px: int, target_mpp: float, slide_m
 
 
 def bench_read(cfg: ExtractConfig, slide: Path, batch: int, workers: int) -> tuple[int, float]:
-    import torch.multiprocessing as mp
-    from torch.utils.data import DataLoader
-
     t0 = time.perf_counter()
     plan = plan_slide(slide, cfg, None, Path(cfg.out))
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    g = plan.grid
-    for s in range(0, len(g), batch):
-        q.put(PatchTask(0, str(slide), g.read_level, g.read_downsample, g.extent_x, g.extent_y, g.patch_size, s,
-                        g.coords[s:s + batch]))
+    q, loader = make_task_loader(workers, torch.cuda.is_available())   # unbounded: filled before reading
+    for task in grid_tasks(0, slide, plan.grid, batch):
+        q.put(task)
     for _ in range(max(1, workers)):
         q.put(None)
-    loader = DataLoader(PatchTaskDataset(q, os.getpid()), batch_size=None, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-                        multiprocessing_context=ctx if workers else None, in_order=False)
     n = 0
     for item in loader:
         n += len(item["images"])

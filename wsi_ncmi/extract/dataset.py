@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, IterableDataset
 
 from wsi_ncmi.slides.open import open_slide
 from wsi_ncmi.slides.patches import PatchReader
@@ -37,6 +38,28 @@ class PatchTask:
     patch_size: int
     start: int               # row of the first patch of this batch in the slide's file
     coords: np.ndarray       # (B, 2) level-0 top-left
+
+
+def grid_tasks(key: int, path: str, grid, batch: int):
+    """One ``PatchTask`` per ``batch`` consecutive patches of a slide's grid."""
+    for start in range(0, len(grid), batch):
+        yield PatchTask(key, str(path), grid.read_level, grid.read_downsample, grid.extent_x, grid.extent_y,
+                        grid.patch_size, start, grid.coords[start:start + batch])
+
+
+def make_task_loader(workers: int, pin_memory: bool, maxsize: int = 0):
+    """(task queue, DataLoader over it): the reader pipeline, one definition for runs and benchmarks.
+
+    Forked workers (the queue is inherited), batches already formed by the workers, and
+    ``in_order=False`` so a worker waiting for work never holds back the others' batches. Put one
+    ``None`` per worker (at least one) on the queue to end the iteration.
+    """
+    ctx = mp.get_context("fork")
+    tasks = ctx.Queue(maxsize=maxsize)
+    loader = DataLoader(PatchTaskDataset(tasks, os.getpid()), batch_size=None, num_workers=workers,
+                        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                        multiprocessing_context=ctx if workers else None, in_order=False)
+    return tasks, loader
 
 
 class PatchTaskDataset(IterableDataset):

@@ -13,7 +13,6 @@ goes on. Rerunning skips every slide whose ``<slide_id>.h5`` exists with the sam
 
 from __future__ import annotations
 
-import os
 import queue as queue_mod
 import threading
 import time
@@ -23,13 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from wsi_ncmi.errors import SlideError, WsiNcmiError
 from wsi_ncmi.extract.config import ExtractConfig
-from wsi_ncmi.extract.dataset import PatchTask, PatchTaskDataset
+from wsi_ncmi.extract.dataset import grid_tasks, make_task_loader
 from wsi_ncmi.extract.locks import HOST, SlideLock, _pid_alive
 from wsi_ncmi.extract.plan import SlidePlan, plan_slide, settings_fingerprint, tissue_fraction_dataset
 from wsi_ncmi.extract.summary import RunSummary, SlideResult
@@ -185,10 +182,7 @@ class _Extraction:
                 self.tile_bar.total = (self.tile_bar.total or 0) + len(plan.grid)
                 self.tile_bar.refresh()
                 top_up()
-                g = plan.grid
-                for start in range(0, len(g), self.batch):
-                    task = PatchTask(key, str(plan.path), g.read_level, g.read_downsample, g.extent_x, g.extent_y,
-                                     g.patch_size, start, g.coords[start:start + self.batch])
+                for task in grid_tasks(key, plan.path, plan.grid, self.batch):
                     if not self._put(task):
                         break
             for _, _, lock, fut in pending:  # stopped early
@@ -262,11 +256,7 @@ class _Extraction:
 
     def run(self) -> None:
         W = self.workers
-        ctx = mp.get_context("fork")
-        self.tasks = ctx.Queue(maxsize=max(8, 4 * max(1, W)))
-        loader = DataLoader(PatchTaskDataset(self.tasks, os.getpid()), batch_size=None, num_workers=W,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=4 if W else None,
-                            multiprocessing_context=ctx if W else None, in_order=False)
+        self.tasks, loader = make_task_loader(W, self.device.type == "cuda", maxsize=max(8, 4 * max(1, W)))
         it = iter(loader)  # fork the workers before any thread (tqdm's monitor, planners) starts
         self.slide_bar = tqdm(total=len(self.todo), desc="slides", unit="slide", position=0,
                               dynamic_ncols=True, disable=self.bars_off)

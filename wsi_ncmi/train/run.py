@@ -182,15 +182,8 @@ def run_evaluation(run: str | Path, features: str | None = None) -> dict:
         edir = out / f"seed_{seed}"
         edir.mkdir(parents=True, exist_ok=True)
         trainer.history = []
-        trainer.best = torch_best(sdir)
         per_seed.append(write_seed_outputs(trainer, trainer.final_scores(), edir))
     agg = aggregate(per_seed, cfg, task, out)
     print((out / "metrics.md").read_text())
     return agg
 
-
-def torch_best(sdir: Path) -> dict:
-    import torch
-
-    st = torch.load(sdir / "best.pt", map_location="cpu", weights_only=False)
-    return {"epoch": int(st["epoch"]), "value": float("nan")}

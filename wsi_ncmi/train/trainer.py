@@ -229,10 +229,11 @@ class Trainer:
                   f"AUC {val['auc']:.3f}  NCMI {val['ncmi']:.3f}{'  *' if improved else ''}", flush=True)
 
     def final_scores(self) -> dict[str, dict]:
-        """Reload the best epoch and score every split."""
+        """Reload the best epoch (recorded in ``self.best``) and score every split."""
         st = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(st["model"])
         self.objective.load_state_dict(st["objective"])
+        self.best["epoch"] = int(st["epoch"])
         outs = {sp: self.forward_split(self.task.split(sp)) for sp in ("train", "val", "test") if self.task.split(sp)}
         ref_val = outs.get("val", outs["train"])
         return self.score(outs, outs["train"], ref_val)
