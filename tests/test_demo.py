@@ -1,5 +1,6 @@
 """The demo: slide geometry gives the labels; a reduced demo runs end to end and resumes."""
 
+import csv
 import json
 
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 
 from wsi_ncmi.demo.cohort import CLASSES, build_cohort, label_from_diameters
 from wsi_ncmi.slides.open import rgba_to_rgb
+
+from conftest import run_cli
 
 
 def test_label_rule():
@@ -70,8 +73,21 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
         m = json.loads((run / "metrics.json").read_text())
         assert 0 <= m["test"]["macro_f1"]["mean"] <= 1 and m["task"] == "camelyon17"
         assert (run / "seed_0" / "curves.png").stat().st_size > 5000
-        assert len(list((run / "heatmaps").glob("*.png"))) >= 1
+        pngs = sorted((run / "heatmaps").glob("*.png"))
+        assert len(pngs) >= 1
+        rows = list(csv.DictReader(open(pngs[0].with_suffix(".csv"))))   # per-patch attention and information
+        assert len(rows) > 10 and len(rows[0]) == 4 and all(np.isfinite(float(r[k])) for r in rows for k in r)
     assert len(list((tmp_path / "features").glob("*.h5"))) == 10
+    # the in-context estimator on a real slide, with blocks of neighbouring patches removed together
+    slide = next(p for p in sorted((tmp_path / "slides").rglob("*.tif*")))
+    png = tmp_path / "removal.png"
+    r = run_cli("heatmap", str(tmp_path / "runs" / "ce"), str(slide), "--kind", "info", "--estimator", "removal",
+                "--max-evals", "8", "--target-class", "macro", "--out", str(png))
+    assert r.returncode == 0, r.stderr
+    vals = [float(row["info_macro"]) for row in csv.DictReader(open(png.with_suffix(".csv")))]
+    assert png.stat().st_size > 5000 and 1 < len(set(vals)) <= 8          # one value per removed block
+    bad = run_cli("heatmap", str(tmp_path / "runs" / "ce"), str(slide), "--kind", "info", "--target-class", "nope")
+    assert bad.returncode != 0 and "not a class of this run" in bad.stderr and "Traceback" not in bad.stderr
     report = (tmp_path / "report.md").read_text()
     for link in [l.split("](")[1].rstrip(")") for l in report.splitlines() if l.startswith("![")]:
         assert (tmp_path / link).is_file(), link

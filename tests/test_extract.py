@@ -212,7 +212,6 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_plain_png_roi_needs_and_uses_slide_mpp(tmp_path, cmu_svs):
     import openslide
-    from PIL import Image
 
     s = openslide.OpenSlide(str(cmu_svs))
     roi = s.read_region((0, 0), 0, (1200, 1400)).convert("RGB")

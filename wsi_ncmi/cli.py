@@ -122,13 +122,13 @@ _TRAIN_FLAGS = [
     ("features", str, "folder of <slide_id>.h5 (uses features/cohort.zarr when current) or a .zarr"),
     ("out", str, "run folder (default runs/run)"),
     ("model", str, "abmil, clam_sb, clam_mb, transmil, dsmil, acmil, meanpool, maxpool (default abmil)"),
-    ("loss", str, "ncmi, ce, weighted_ce, focal, label_smoothing, ce+ncmi (default ncmi)"),
+    ("loss", str, "ncmi, ce, weighted_ce, focal, label_smoothing, pc_softmax, mi, cmi_ce, ce+ncmi (default ncmi)"),
     ("seeds", int, "number of seeds to train (default 1)"),
     ("seed", int, "first seed (default 0)"),
     ("epochs", int, "maximum epochs (default 40)"),
     ("lr", float, "AdamW learning rate (default 2e-4)"),
     ("weight_decay", float, "AdamW weight decay (default 1e-4)"),
-    ("centroid_lr", float, "NCMI centroid-step learning rate (default 1e-2)"),
+    ("centroid_lr", float, "centroid-step learning rate for ncmi and cmi_ce (default 1e-2)"),
     ("batch_size", int, "bags per step, padded with masks (default 1)"),
     ("max_patches", int, "randomly sub-sample training bags to this many patches (default 0 = all)"),
     ("patience", int, "early-stopping patience in epochs (default 10)"),
@@ -142,8 +142,12 @@ _TRAIN_FLAGS = [
     ("test_fold", int, "for CSVs with a fold column: the test fold (default 0)"),
     ("ncmi_space", str, "where NCMI's P lives: logit (default) or embedding"),
     ("ncmi_centroids", str, "alternating (default) or fixed centroids"),
-    ("ncmi_temperature", float, "NSF temperature (default 1.0 logit space, 0.3 embedding space)"),
+    ("ncmi_temperature", float, "NSF temperature T in both spaces (default 0.3)"),
     ("ncmi_weight", float, "weight of the NCMI term in ce+ncmi (default 1.0)"),
+    ("mi_weight", float, "mi: weight of the label-entropy term H(Y) (default 1.0)"),
+    ("mi_window", int, "mi: training samples in the running marginal, 0 = batch only (default 64)"),
+    ("cmi_lambda", float, "cmi_ce: weight of the concentration penalty (default 0.5)"),
+    ("cmi_beta", float, "cmi_ce: weight of the separation reward (default 0.1)"),
     ("focal_gamma", float, "focal-loss gamma (default 2)"),
     ("label_smoothing", float, "label-smoothing amount (default 0.1)"),
     ("ram_gb", float, "keep bags in RAM up to this many GB (default 16)"),
@@ -167,12 +171,24 @@ def _add_train(sub) -> None:
     e = sub.add_parser("evaluate", help="re-score a trained run (writes <run>/evaluate/)")
     e.add_argument("run", help="run folder of `wsi-ncmi train`")
     e.add_argument("--features", help="features to score on (default: the run's own)")
-    h = sub.add_parser("heatmap", help="attention heatmap of a slide under a trained run")
+    h = sub.add_parser("heatmap", help="attention or information heatmap of a slide under a trained run",
+                       description="Draw a trained model's view of one slide over its thumbnail. --kind attention: "
+                                   "attention rank per patch. --kind info: attention beside the per-patch pointwise "
+                                   "mutual information with a class (infoCAM), estimated from the patch alone "
+                                   "(--estimator instance) or from the slide with the patch removed (removal).")
     h.add_argument("run", help="run folder of `wsi-ncmi train`")
     h.add_argument("slide", help="slide file, or slide id (its path is read from the feature file)")
     h.add_argument("--features", help="extraction folder (default: the run's)")
     h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--out", help="PNG path (default <run>/heatmaps/<slide_id>_seed<seed>.png)")
+    h.add_argument("--out", help="PNG path (default <run>/heatmaps/<slide_id>_seed<seed>[_info].png); "
+                                 "per-patch values go to the same name with .csv")
+    h.add_argument("--kind", choices=("attention", "info"), default="attention", help="what to draw (default attention)")
+    h.add_argument("--target-class", dest="target", help="class of the information map (default: the predicted one)")
+    h.add_argument("--estimator", choices=("instance", "removal"), default="instance",
+                   help="info: log s(c|patch alone) - log prior (default; one pass), or log s(c|slide) - "
+                        "log s(c|slide without the patch) (in context; one pass per patch)")
+    h.add_argument("--max-evals", type=int, default=2048,
+                   help="removal: at most this many removals; larger slides remove blocks of patches (default 2048)")
     d = sub.add_parser("demo", help="build a CAMELYON-like demo cohort, extract, train NCMI and CE, report",
                        description="The whole pipeline on a built-in cohort of real-H&E slides with implanted "
                                    "lesions; runs on a CPU in minutes and is resumable.")
@@ -208,7 +224,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_heatmap(args) -> int:
     from wsi_ncmi.viz.heatmap import save_heatmap
 
-    print(save_heatmap(args.run, args.slide, args.features, args.seed, args.out))
+    print(save_heatmap(args.run, args.slide, args.features, args.seed, args.out, args.kind, args.target,
+                       args.estimator, args.max_evals))
     return 0
 
 

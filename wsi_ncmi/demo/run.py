@@ -1,7 +1,7 @@
 """``wsi-ncmi demo``: the whole product on a built-in cohort, on a CPU, in minutes.
 
 build slides (real H&E, implanted lesions) -> extract (offline ImageNet encoder) -> train gated
-ABMIL with NCMI and with CE on the CAMELYON centre split (several seeds) -> attention heatmaps ->
+ABMIL with NCMI and with CE on the CAMELYON centre split (several seeds) -> attention and information heatmaps ->
 one comparison table and ``report.md``. Every step is resumable: a second run reuses the slides,
 the features (extraction is a no-op) and finished seeds.
 """
@@ -45,14 +45,14 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre: int = 2, no
                           val_fraction=0.2)   # ~2 validation slides per class: selection and NCMI need more than one
         with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
             results[loss] = run_training(cfg)
-    print("[4/4] attention heatmaps", flush=True)
+    print("[4/4] attention and information heatmaps", flush=True)
     test = [s for s in plan if s["centre"] >= 3]
     picks = [max((s for s in test if s["label"] == lab), key=lambda s: s["patient"], default=None) for lab in (3, 2)]
     heatmaps = []
     for s in (p for p in picks if p):
         for loss in losses:
             heatmaps.append(save_heatmap(out / "runs" / loss, s["path"], out / "features", 0,
-                                         out / "runs" / loss / "heatmaps" / f"{s['slide_id']}.png"))
+                                         out / "runs" / loss / "heatmaps" / f"{s['slide_id']}.png", kind="info"))
     table = comparison_table(results, seeds)
     report = out / "report.md"
     report.write_text(_report(out, table, results, heatmaps, ex))
@@ -83,6 +83,6 @@ def _report(out: Path, table: str, results: dict, heatmaps: list[Path], ex) -> s
     parts += ["", "## Training (seed 0): loss, validation metrics, NCMI vs accuracy", ""]
     parts += [f"### {loss}\n\n![curves]({rel(out / 'runs' / loss / 'seed_0' / 'curves.png')})\n\n"
               f"![test]({rel(out / 'runs' / loss / 'seed_0' / 'test_confusion_roc.png')})" for loss in results]
-    parts += ["", "## Attention heatmaps (test slides)", ""] + [f"![{h.stem}]({rel(h)})" for h in heatmaps]
+    parts += ["", "## Attention and information heatmaps (test slides)", ""] + [f"![{h.stem}]({rel(h)})" for h in heatmaps]
     parts += ["", "Per-run tables: " + ", ".join(f"[{loss}]({rel(out / 'runs' / loss / 'metrics.md')})" for loss in results)]
     return "\n".join(parts) + "\n"

@@ -1,7 +1,10 @@
 """Cross-entropy family baselines.
 
 * ``ce``: cross-entropy, optionally class-weighted by inverse training frequency (CAMELYON-17's
-  slide classes are 318/36/59/87, so unweighted CE tends to ignore ITC).
+  slide classes are 318/36/59/87, so unweighted CE tends to ignore ITC). The weighted loss is the
+  plain mean of w_y * CE over the batch, not PyTorch's sum(w * CE) / sum(w): with one bag per step
+  (the MIL default) that normalisation divides the weight out and weighted CE silently equals CE.
+  The weights average to 1 over the training split, so the loss scale stays that of CE.
 * ``label_smoothing``: CE against (1 - s) one-hot + s / C (Szegedy et al. 2016, "Rethinking the
   Inception Architecture", arXiv:1512.00567).
 * ``focal``: (1 - p_y)^gamma-weighted CE (Lin et al. 2017, "Focal Loss for Dense Object
@@ -24,8 +27,10 @@ class CrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.weight.numel() else None
-        return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.label_smoothing)
+        if not self.weight.numel():
+            return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=self.label_smoothing)
+        return (loss * self.weight[y]).mean()
 
 
 class FocalLoss(nn.Module):
@@ -40,11 +45,11 @@ class FocalLoss(nn.Module):
         logp = F.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1)
         loss = -((1 - logp.exp()) ** self.gamma) * logp
         if self.weight.numel():
-            w = self.weight[y]
-            return (loss * w).sum() / w.sum()
+            loss = loss * self.weight[y]        # batch mean, as in CrossEntropy (see the module docstring)
         return loss.mean()
 
 
 def inverse_frequency_weights(labels, num_classes: int) -> torch.Tensor:
+    """w_k = N / (C n_k): balances the classes and averages to 1 over the training labels."""
     counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).float().clamp_min(1)
     return counts.sum() / (num_classes * counts)

@@ -34,8 +34,12 @@ def make_bag(rng, label: int, n: int, dim: int, centres: np.ndarray, tumour: np.
 
 def make_cohort(out: str | Path, n_slides: int = 80, dim: int = 32, bag_size: tuple[int, int] = (60, 200),
                 seed: int = 0, num_classes: int = 4, splits: tuple[float, float] = (0.6, 0.2),
-                separation: float = 4.0) -> Path:
-    """Write ``<out>/features/<slide>.h5`` and ``<out>/labels.csv`` (slide_id,label,split); returns ``out``."""
+                separation: float = 4.0, proportions: tuple[float, ...] | None = None) -> Path:
+    """Write ``<out>/features/<slide>.h5`` and ``<out>/labels.csv`` (slide_id,label,split); returns ``out``.
+
+    Classes are balanced unless ``proportions`` gives their shares (e.g. CAMELYON-17's slide-level
+    318/36/59/87); each class is split train/val/test by ``splits`` in the order its slides appear.
+    """
     out = Path(out)
     feats = out / "features"
     feats.mkdir(parents=True, exist_ok=True)
@@ -43,9 +47,12 @@ def make_cohort(out: str | Path, n_slides: int = 80, dim: int = 32, bag_size: tu
     centres = rng.standard_normal((5, dim)) * 2.0
     tumour = rng.standard_normal(dim)
     tumour = separation * tumour / np.linalg.norm(tumour) * np.sqrt(dim) / 2
+    labels = class_sequence(n_slides, num_classes, proportions)
+    per_class = np.bincount(labels, minlength=num_classes)
+    seen = np.zeros(num_classes, int)
     rows = []
     for i in range(n_slides):
-        label = i % num_classes
+        label = int(labels[i])
         n = int(rng.integers(bag_size[0], bag_size[1] + 1))
         x, is_t = make_bag(rng, label, n, dim, centres, tumour)
         sid = f"bag_{i:04d}"
@@ -54,7 +61,8 @@ def make_cohort(out: str | Path, n_slides: int = 80, dim: int = 32, bag_size: tu
                           {"encoder": "synthetic", "slide_id": sid}, extra={"is_tumour": is_t})
         w.write(0, x)
         w.commit()
-        u = (i // num_classes) / max(1, n_slides // num_classes)
+        u = seen[label] / max(1, per_class[label])
+        seen[label] += 1
         split = "train" if u < splits[0] else "val" if u < splits[0] + splits[1] else "test"
         rows.append((sid, label, split))
     with open(out / "labels.csv", "w", newline="") as fh:
@@ -62,3 +70,18 @@ def make_cohort(out: str | Path, n_slides: int = 80, dim: int = 32, bag_size: tu
         w.writerow(["slide_id", "label", "split"])
         w.writerows(rows)
     return out
+
+
+def class_sequence(n: int, num_classes: int, proportions=None) -> np.ndarray:
+    """Slide labels in order: round-robin when balanced, else interleaved by the given shares."""
+    if proportions is None:
+        return np.arange(n) % num_classes
+    p = np.asarray(proportions, float)
+    if len(p) != num_classes or (p <= 0).any():
+        raise ValueError(f"proportions needs {num_classes} positive shares, got {proportions}")
+    raw = p / p.sum() * n
+    counts = np.floor(raw).astype(int).clip(min=1)
+    for k in np.argsort(raw - np.floor(raw))[::-1][:max(0, n - counts.sum())]:
+        counts[k] += 1
+    keys = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
+    return np.concatenate([np.full(c, k) for k, c in enumerate(counts)])[np.argsort(keys, kind="stable")]

@@ -45,6 +45,10 @@ class TrainConfig:
     ncmi_centroids: str = "alternating"
     ncmi_temperature: float | None = None
     ncmi_weight: float = 1.0          # for ce+ncmi
+    mi_weight: float = 1.0            # mi: weight of the label-entropy term
+    mi_window: int = 64               # mi: running window of samples for the marginal
+    cmi_lambda: float = 0.5           # cmi_ce: concentration weight
+    cmi_beta: float = 0.1             # cmi_ce: separation weight
     focal_gamma: float = 2.0
     label_smoothing: float = 0.1
     ram_gb: float = 16.0              # bags kept in RAM up to this size
@@ -68,6 +72,9 @@ class TrainConfig:
         for name in ("epochs", "seeds", "batch_size"):
             if getattr(self, name) < 1:
                 raise WsiNcmiError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("mi_weight", "mi_window", "cmi_lambda", "cmi_beta", "ncmi_weight"):
+            if getattr(self, name) < 0:
+                raise WsiNcmiError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise WsiNcmiError(f"--precision {self.precision}: choose auto, fp32, bf16, fp16")
         return self

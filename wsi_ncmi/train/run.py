@@ -18,6 +18,7 @@ import csv
 import json
 from pathlib import Path
 
+import torch
 
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.tasks import load_task, pn_stage
@@ -90,6 +91,7 @@ def write_seed_outputs(trainer: Trainer, scores: dict[str, dict], out: Path) -> 
         metrics[sp] = o["metrics"]
         if "tau" in o:
             metrics[sp]["score_temperature"] = o["tau"]
+            torch.save({"qbar": o["qbar"], "tau": o["tau"]}, out / "scoring.pt")   # for single-slide scoring
     if "test" in scores:
         t = scores["test"]
         metrics["test"]["ci95"] = bootstrap_ci(t["y"].numpy(), t["pred"].numpy(), t["scores"].numpy(),

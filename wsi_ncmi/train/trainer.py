@@ -29,6 +29,7 @@ from wsi_ncmi.mil.models import create_mil_model
 from wsi_ncmi.tasks.base import SlideRecord, Task
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import BagStore, collate
+from wsi_ncmi.train.inference import centroid_scores
 from wsi_ncmi.train.metrics import classification_metrics
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,11 +87,12 @@ class Trainer:
         self.objective = create_objective(
             cfg.loss, C, self.model.embed_dim, [r.label for r in self.train_set], focal_gamma=cfg.focal_gamma,
             label_smoothing=cfg.label_smoothing, ncmi_space=cfg.ncmi_space, ncmi_centroids=cfg.ncmi_centroids,
-            ncmi_temperature=cfg.ncmi_temperature, ncmi_weight=cfg.ncmi_weight).to(self.device)
+            ncmi_temperature=cfg.ncmi_temperature, ncmi_weight=cfg.ncmi_weight, mi_weight=cfg.mi_weight,
+            mi_window=cfg.mi_window, cmi_lambda=cfg.cmi_lambda, cmi_beta=cfg.cmi_beta).to(self.device)
         params = list(self.model.parameters()) + self.objective.network_parameters()
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
-        self.copt = torch.optim.Adam([self.objective.ncmi.centroid_logits], lr=cfg.centroid_lr) \
+        self.copt = torch.optim.Adam(self.objective.centroid_parameters(), lr=cfg.centroid_lr) \
             if self.objective.alternating else None
         self.history: list[dict] = []
         self.best = {"epoch": -1, "value": -math.inf}
@@ -187,8 +189,8 @@ class Trainer:
             qbar = class_mean(ref_train["p"], ref_train["y"], C)
             tau = fit_temperature(-kl_matrix(ref_val["p"], qbar), ref_val["y"])
             for k, o in outs.items():
-                d = kl_matrix(o["p"], qbar)
-                result[k] = dict(o, pred=d.argmin(1), scores=torch.softmax(-d / tau, 1), tau=tau, qbar=qbar)
+                logs, d = centroid_scores(o["p"], qbar, tau)
+                result[k] = dict(o, pred=d.argmin(1), scores=logs.exp(), tau=tau, qbar=qbar)
         else:
             for k, o in outs.items():
                 s = torch.softmax(o["logits"], 1)

@@ -1,0 +1,79 @@
+"""A trained run's model, loaded for scoring single slides (heatmaps, information maps).
+
+``load_run_model`` rebuilds the aggregator and its objective from ``config.yaml`` and
+``seed_<s>/best.pt`` and the scoring rule from ``seed_<s>/scoring.pt`` (written at the end of
+training): softmax of the logits for every loss except NCMI, whose class scores are
+softmax(-KL(P || Qbar_k) / tau) with the training class means Qbar and tau fit on validation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.losses import Objective, create_objective, kl_matrix
+from wsi_ncmi.losses.pc_softmax import class_priors
+from wsi_ncmi.mil.models.base import MILModel, MILOutput
+from wsi_ncmi.train.config import TrainConfig
+
+
+def centroid_scores(p: torch.Tensor, qbar: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log class scores log softmax(-KL(p || qbar_k) / tau), the KL matrix) for NCMI models."""
+    d = kl_matrix(p, qbar)
+    return torch.log_softmax(-d / tau, dim=1), d
+
+
+@dataclass
+class RunModel:
+    cfg: TrainConfig
+    classes: list[str]
+    model: MILModel
+    objective: Objective
+    priors: torch.Tensor          # training-split class frequencies
+    qbar: torch.Tensor | None = None
+    tau: float = 1.0
+
+    def log_scores(self, out: MILOutput) -> torch.Tensor:
+        """(B, C) log class scores of a forward pass, by the run's own scoring rule."""
+        if self.qbar is None:
+            return torch.log_softmax(out.logits.float(), dim=1)
+        p = self.objective.distribution(out.logits.float(), out.embedding.float())
+        return centroid_scores(p, self.qbar, self.tau)[0]
+
+
+def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
+    from wsi_ncmi.mil.models import create_mil_model
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise WsiNcmiError(f"{run}: not a training run folder (no config.yaml); pass the --out of `wsi-ncmi train`")
+    cfg = TrainConfig.from_sources(str(run / "config.yaml"))
+    ckpt = run / f"seed_{seed}" / "best.pt"
+    if not ckpt.is_file():
+        raise WsiNcmiError(f"{ckpt}: no checkpoint; train the run first (or pick --seed)")
+    if not (run / "metrics.json").is_file():
+        raise WsiNcmiError(f"{run}: training has not finished (no metrics.json); finish it with `wsi-ncmi train ... --resume`")
+    agg = json.loads((run / "metrics.json").read_text())
+    classes = agg["classes"]
+    st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    C = len(classes)
+    model = create_mil_model(cfg.model, in_dim, C, dropout=cfg.dropout)
+    model.load_state_dict(st["model"])
+    objective = create_objective(cfg.loss, C, model.embed_dim, None, ncmi_space=cfg.ncmi_space,
+                                 ncmi_centroids=cfg.ncmi_centroids, ncmi_temperature=cfg.ncmi_temperature,
+                                 mi_window=cfg.mi_window)
+    objective.load_state_dict(st["objective"])
+    model.eval()
+    objective.eval()
+    rm = RunModel(cfg, classes, model, objective, class_priors(agg["counts"]["train"], C, counts=True))
+    if objective.predicts_by_centroid:
+        sc = run / f"seed_{seed}" / "scoring.pt"
+        if not sc.is_file():
+            raise WsiNcmiError(f"{sc}: missing; rerun `wsi-ncmi evaluate {run}` to write it")
+        s = torch.load(sc, map_location="cpu", weights_only=False)
+        rm.qbar, rm.tau = s["qbar"], float(s["tau"])
+    return rm
