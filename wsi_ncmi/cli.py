@@ -20,6 +20,7 @@ examples:
   wsi-ncmi extract slides/ --out features/ --encoder vit_small_patch16_224 --weights vit_s.pth
   wsi-ncmi extract rois/*.png --out features/ --slide-mpp 0.25      # plain images need an mpp
   wsi-ncmi extract slides/ --out features/ --shard 3/10             # job 3 of a 10-job array
+  torchrun --nproc-per-node 4 -m wsi_ncmi extract slides/ --out features/   # 4 GPUs, one summary
 
 output (in --out):
   <slide_id>.h5            features (N, D) + coords (N, 2) level-0 px, CLAM/TRIDENT-compatible
@@ -71,12 +72,14 @@ def _add_extract(sub) -> None:
 
 
 def _cmd_extract(args) -> int:
+    from wsi_ncmi.distributed import world
     from wsi_ncmi.extract import ExtractConfig, run_extraction
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "config", "json")}
     cfg = ExtractConfig.from_sources(args.config, **overrides)
     summary = run_extraction(cfg)
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.render())
+    if world().is_main:                         # under torchrun: one merged summary, from rank 0
+        print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.render())
     return 1 if summary.failed else 0
 
 

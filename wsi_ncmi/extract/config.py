@@ -74,10 +74,11 @@ class ExtractConfig:
         self.shard_index  # noqa: B018  (validates)
         return self
 
-    def resolved_workers(self) -> int:
+    def resolved_workers(self, processes_per_node: int = 1) -> int:
+        """Reader processes for this process: auto shares the node's cores among its ranks."""
         if self.workers >= 0:
             return self.workers
-        return max(0, min(16, (os.cpu_count() or 1) - 1))
+        return max(0, min(16, (os.cpu_count() or 1) // max(1, processes_per_node) - 1))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,6 +1,6 @@
 """The extraction run: which slides to do, and the pipeline that does them.
 
-Pipeline (one process per GPU):
+Pipeline (one process per GPU; ``torchrun`` starts one per GPU and shares the slides out):
 
     planner threads --(PatchTask queue)--> DataLoader workers --(uint8 batches, pinned)-->
     encoder on the device --(async copy to pinned host buffers)--> HDF5 writer (main thread)
@@ -18,12 +18,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from wsi_ncmi.distributed import finish, gather, world
 from wsi_ncmi.errors import SlideError, WsiNcmiError
 from wsi_ncmi.extract.config import ExtractConfig
 from wsi_ncmi.extract.dataset import grid_tasks, make_task_loader
@@ -115,7 +116,7 @@ class _Extraction:
         self.encoder = encoder.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.encoder.spec.precision, self.device)
         self.batch = cfg.batch_size or (256 if self.device.type == "cuda" else 32)
-        self.workers = cfg.resolved_workers()
+        self.workers = cfg.resolved_workers(world().local_size)
         summary.encoder, summary.device = cfg.encoder, str(self.device)
         summary.precision, summary.batch_size, summary.workers = self.precision, self.batch, self.workers
         self.inflight: dict[int, _InFlight] = {}
@@ -322,7 +323,14 @@ def run_extraction(cfg: ExtractConfig, encoder=None) -> RunSummary:
 
     ``encoder``: an already built ``Encoder`` to use instead of building ``cfg.encoder`` (keeps a
     loaded model across runs in a notebook; the benchmark times one model in every stage).
+
+    Under torchrun each rank takes the slides rank, rank + world, ... of this shard (so ``--shard``
+    of a job array and torchrun's ranks compose), on its own GPU; the lock files keep processes on
+    other nodes from doing a slide twice. Every rank returns the merged summary of all ranks.
     """
+    w = world()
+    if w.distributed:
+        cfg = replace(cfg, device=w.device(cfg.device), progress=cfg.progress and w.is_main)
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,8 +340,9 @@ def run_extraction(cfg: ExtractConfig, encoder=None) -> RunSummary:
         raise WsiNcmiError(f"{', '.join(cfg.slides)}: no slides found (.svs, .ndpi, .mrxs, .tif(f), .dcm, "
                            ".scn, .bif, .png/.jpg with --slide-mpp ...)")
     i, n = cfg.shard_index
-    paths = paths[i::n]
-    summary = RunSummary(out=str(out), shard=cfg.shard)
+    shard_paths = paths[i::n]
+    paths = w.share(shard_paths)
+    summary = RunSummary(out=str(out), shard=cfg.shard + (f" rank {w.rank}/{w.size}" if w.distributed else ""))
     _clean_partials(out / ".partial")
     fingerprint = settings_fingerprint(cfg)
     todo: list[Path] = []
@@ -357,4 +366,10 @@ def run_extraction(cfg: ExtractConfig, encoder=None) -> RunSummary:
     order = {slide_id_for(p): k for k, p in enumerate(paths)}
     summary.results.sort(key=lambda r: order.get(r.slide_id, 0))
     summary.save(out / "logs")
-    return summary
+    if not w.distributed:
+        return summary
+    merged = RunSummary.merge(gather(w, summary), [slide_id_for(p) for p in shard_paths])
+    if w.is_main:
+        merged.save(out / "logs", "-merged")
+    finish(w)
+    return merged

@@ -57,10 +57,23 @@ class RunSummary:
                  counts={s: self.count(s) for s in ("done", "skipped", "failed", "busy")})
         return d
 
-    def save(self, log_dir: Path) -> Path:
+    @classmethod
+    def merge(cls, parts: list["RunSummary"], order: list[str]) -> "RunSummary":
+        """One summary of several ranks' runs (torchrun): all slides in ``order``, wall time of the slowest."""
+        first = parts[0]
+        rank = {sid: k for k, sid in enumerate(order)}
+        results = sorted((r for p in parts for r in p.results), key=lambda r: rank.get(r.slide_id, len(rank)))
+        devices = sorted({p.device for p in parts if p.device})
+        return cls(out=first.out, encoder=next((p.encoder for p in parts if p.encoder), ""),
+                   device=",".join(devices), precision=next((p.precision for p in parts if p.precision), ""),
+                   batch_size=first.batch_size, workers=sum(p.workers for p in parts),
+                   shard=f"{first.shard.split(' ')[0]} x {len(parts)} ranks", results=results,
+                   seconds=max(p.seconds for p in parts), started=min(p.started for p in parts))
+
+    def save(self, log_dir: Path, tag: str = "") -> Path:
         log_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = log_dir / f"extract-{stamp}-{self.host}-{self.pid}.json"
+        path = log_dir / f"extract-{stamp}-{self.host}-{self.pid}{tag}.json"
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
 
@@ -76,9 +89,10 @@ class RunSummary:
                 parts.append(f"{self.count('busy')} being extracted by another process")
             lines.append(f"extract: {n} slides: " + ", ".join(parts))
             if self.count("done"):
+                ranks = f", {self.shard.split(' x ')[1]}" if " x " in self.shard else ""
                 lines.append(f"  {self.tiles:,} tiles in {self.seconds:.1f} s = {self.tiles_per_s:,.1f} tiles/s "
                              f"({self.encoder}, {self.device}, {self.precision}, batch {self.batch_size}, "
-                             f"{self.workers} workers)")
+                             f"{self.workers} workers{ranks})")
         for r in self.failed:
             lines.append(f"  FAILED [{r.reason}] {r.message}")
         return "\n".join(lines)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from wsi_ncmi.distributed import finish, gather, start, world
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.tasks import load_task, pn_stage
 from wsi_ncmi.tasks.base import Task
@@ -144,26 +146,48 @@ def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> 
 
 
 def run_training(cfg: TrainConfig) -> dict:
+    """Train every seed and aggregate. Under torchrun: seeds are shared out one per rank (rank r
+    trains seeds r, r + world, ...) and rank 0 gathers them into the one report; a single seed on
+    several ranks is trained data-parallel instead (disjoint bags per rank, averaged gradients)."""
     cfg.validate()
+    w = world()
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    ddp = w if w.distributed and len(seeds) == 1 else None
+    if w.distributed:
+        cfg = replace(cfg, device=w.device(cfg.device), progress=cfg.progress and w.is_main)
+        start(w)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     task, store, _ = prepare(cfg)
-    cfg.save(out / "config.yaml")
-    print(f"{task.name}: {len(task.slides)} slides, classes {task.classes}, train/val/test "
-          f"{len(task.split('train'))}/{len(task.split('val'))}/{len(task.split('test'))}; features {store.source.kind} "
-          f"({store.dim}-d)", flush=True)
+    if w.is_main:
+        cfg.save(out / "config.yaml")
+        mode = (f"; {w.size} ranks, data-parallel" if ddp else f"; {w.size} ranks, seeds in parallel") \
+            if w.distributed else ""
+        print(f"{task.name}: {len(task.slides)} slides, classes {task.classes}, train/val/test "
+              f"{len(task.split('train'))}/{len(task.split('val'))}/{len(task.split('test'))}; features "
+              f"{store.source.kind} ({store.dim}-d){mode}", flush=True)
+    mine = seeds if ddp or not w.distributed else w.share(seeds)
+    if w.distributed and not ddp and not mine:
+        print(f"rank {w.rank}: no seed left for this rank ({len(seeds)} seeds over {w.size} ranks)", flush=True)
     per_seed = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+    for seed in mine:
         sdir = out / f"seed_{seed}"
         if cfg.resume and (sdir / "metrics.json").exists():
             per_seed.append(json.loads((sdir / "metrics.json").read_text()))
             print(f"seed {seed}: already finished, kept")
             continue
-        trainer = Trainer(cfg, task, store, seed, sdir)
+        trainer = Trainer(cfg, task, store, seed, sdir, ddp)
         trainer.fit()
-        per_seed.append(write_seed_outputs(trainer, trainer.final_scores(), sdir))
-    agg = aggregate(per_seed, cfg, task, out)
-    print((out / "metrics.md").read_text())
+        if trainer.is_main:
+            per_seed.append(write_seed_outputs(trainer, trainer.final_scores(), sdir))
+    if w.distributed:
+        per_seed = sorted((m for part in gather(w, per_seed) for m in part), key=lambda m: m["seed"])
+    agg = aggregate(per_seed, cfg, task, out) if w.is_main else {}
+    if w.is_main:
+        print((out / "metrics.md").read_text())
+    if w.distributed:
+        agg = gather(w, agg)[0]
+        finish(w)
     return agg
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from wsi_ncmi.distributed import World, gather
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.losses import create_objective, fit_temperature, kl_matrix, ncmi_value
 from wsi_ncmi.losses.ncmi import class_mean
@@ -74,9 +75,26 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def average_gradients(opt: torch.optim.Optimizer) -> None:
+    """Data-parallel step: mean of every rank's gradient (a rank with none contributes zeros)."""
+    world = torch.distributed.get_world_size()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    for b in module.buffers():
+        torch.distributed.broadcast(b, 0)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, task: Task, store: BagStore, seed: int, out: Path):
+    def __init__(self, cfg: TrainConfig, task: Task, store: BagStore, seed: int, out: Path, ddp: World | None = None):
         self.cfg, self.task, self.store, self.seed, self.out = cfg, task, store, seed, out
+        self.ddp = ddp if ddp is not None and ddp.distributed else None
         self.device, self.precision = resolve_train_device(cfg)
         out.mkdir(parents=True, exist_ok=True)
         self.train_set = task.split("train")
@@ -97,6 +115,8 @@ class Trainer:
         self.history: list[dict] = []
         self.best = {"epoch": -1, "value": -math.inf}
         self.start_epoch = 0
+        if self.ddp:      # same initial weights on every rank (same seed); own dropout/sub-sampling draws
+            torch.manual_seed(seed + 7919 * self.ddp.rank)
 
     # ---- state ------------------------------------------------------------------------------
     def _state(self, epoch: int) -> dict:
@@ -130,6 +150,9 @@ class Trainer:
         self.objective.train()
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.train_set), generator=gen).tolist()
+        if self.ddp:      # equal-length disjoint shares (wrapped like DistributedSampler): steps stay in lockstep
+            per = -(-len(order) // self.ddp.size)
+            order = (order * 2)[:per * self.ddp.size][self.ddp.rank::self.ddp.size]
         bs = self.cfg.batch_size
         total, count = 0.0, 0
         bar = tqdm(range(0, len(order), bs), desc=f"seed {self.seed} epoch {epoch + 1}/{self.cfg.epochs}",
@@ -150,17 +173,25 @@ class Trainer:
                     "from the last good epoch")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if self.ddp:
+                average_gradients(self.opt)
             if self.cfg.clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
             self.opt.step()
             if self.copt is not None:   # centroid step on the same mini-batch, network output fixed
                 self.copt.zero_grad(set_to_none=True)
                 self.objective.centroid_loss(p, y).backward()
+                if self.ddp:
+                    average_gradients(self.copt)
                 self.copt.step()
             total += float(loss.detach()) * len(recs)
             count += len(recs)
             bar.set_postfix(loss=f"{total / count:.4f}")
         self.sched.step()
+        if self.ddp:      # buffers (EMA centre, MI window) from rank 0, so every rank scores the same model
+            sync_buffers(self.objective)
+            sync_buffers(self.model)
+            total, count = (sum(v) for v in zip(*gather(self.ddp, (total, count))))
         return total / max(count, 1)
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -222,13 +253,24 @@ class Trainer:
             self.history.append(row)
             value = val[key] if np.isfinite(val[key]) else -math.inf
             improved = value > self.best["value"] + 1e-9
+            if self.ddp:  # rank 0 decides (identical models, but never risk ranks leaving the loop apart)
+                value, improved = gather(self.ddp, (value, improved))[0]
             if improved:
                 self.best = {"epoch": epoch, "value": value}
-                _save_atomic({"model": self.model.state_dict(), "objective": self.objective.state_dict(),
-                              "epoch": epoch, "config": self.cfg.to_dict(), "seed": self.seed}, self.out / "best.pt")
+                if self.is_main:
+                    _save_atomic({"model": self.model.state_dict(), "objective": self.objective.state_dict(),
+                                  "epoch": epoch, "config": self.cfg.to_dict(), "seed": self.seed}, self.out / "best.pt")
+            if not self.is_main:
+                continue
             _save_atomic(self._state(epoch), self.out / "last.pt")
             print(f"seed {self.seed} epoch {epoch + 1:3d}  loss {train_loss:.4f}  val macro-F1 {val['macro_f1']:.3f} "
                   f"AUC {val['auc']:.3f}  NCMI {val['ncmi']:.3f}{'  *' if improved else ''}", flush=True)
+        if self.ddp:
+            gather(self.ddp, None)   # barrier: best.pt and last.pt are written before anyone reads them
+
+    @property
+    def is_main(self) -> bool:
+        return self.ddp is None or self.ddp.is_main
 
     def final_scores(self) -> dict[str, dict]:
         """Reload the best epoch (recorded in ``self.best``) and score every split."""
