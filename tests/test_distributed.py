@@ -50,6 +50,23 @@ def test_world_shares_are_disjoint_and_cover_everything():
     assert World().share(items) == items and not World().distributed
 
 
+def test_finish_leaves_no_gloo_threads_behind(tmp_path):
+    """A group that outlives ``finish`` aborts the process at exit now and then; none may be left."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import glob, torch\n"
+        "from wsi_ncmi.distributed import finish, gather, start, world\n"
+        "w = world(); start(w)\n"
+        "torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])   # what every Trainer builds\n"
+        "gather(w, w.rank); finish(w)\n"
+        "names = [open(t).read().strip() for t in glob.glob('/proc/self/task/*/comm')]\n"
+        "print('rank', w.rank, 'gloo threads', sum('gloo' in n for n in names))\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(res.stdout.split("\n"))[-2:] == ["rank 0 gloo threads 0", "rank 1 gloo threads 0"], res.stdout
+
+
 def test_torchrun_extraction_does_each_slide_once_with_one_summary(tmp_path):
     d = _cohort(tmp_path / "slides", 6)
     out = tmp_path / "f"

@@ -10,6 +10,7 @@ torchrun, which stops the others, and a rerun resumes from what was written.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,8 +56,16 @@ def world() -> World:
 
 
 def start(w: World) -> None:
-    """Join the process group (once) when launched with more than one rank."""
+    """Join the process group (once) when launched with more than one rank.
+
+    ``torch._dynamo`` is imported first on purpose. The first optimizer a process builds imports it,
+    and an import that happens while a group exists keeps a reference to that group: after
+    ``destroy_process_group`` its gloo threads then live on into interpreter shutdown, where they
+    abort the process now and then ("terminate called without an active exception", about one run
+    in twelve here). Imported before the group exists, it holds nothing and ``finish`` ends it cleanly.
+    """
     if w.distributed and not torch.distributed.is_initialized():
+        importlib.import_module("torch._dynamo")   # before the group exists: see the docstring
         torch.distributed.init_process_group("gloo", rank=w.rank, world_size=w.size, timeout=GATHER_TIMEOUT)
 
 
