@@ -104,4 +104,4 @@ def test_objective_ce_plus_ncmi_adds_the_terms():
     ce = torch.nn.functional.cross_entropy(logits, y)
     u = logits / logits.norm(dim=1, keepdim=True) / 0.3     # logit space: normalised logits / T
     n = ncmi_ratio(nsf(u), both.ncmi.centroids(), y)
-    assert float(both.network_loss(logits, None, y)[0].detach()) == pytest.approx(float(ce + 0.5 * n), rel=1e-5)
+    assert float(both.network_loss(logits, None, y)[0].detach()) == pytest.approx(float((ce + 0.5 * n).detach()), rel=1e-5)
