@@ -168,7 +168,7 @@ class Trainer:
                 loss = loss + self.model.aux_weight * out.aux_loss.float()
             if not torch.isfinite(loss):
                 raise WsiNcmiError(
-                    f"{self.out}: training diverged at epoch {epoch + 1} on slide {recs[0].slide_id} (loss {float(loss)}); "
+                    f"{self.out}: training diverged at epoch {epoch + 1} on slide {recs[0].slide_id} (loss {float(loss.detach())}); "
                     f"lower --lr (now {self.cfg.lr}) or use --precision fp32, then rerun with --resume to continue "
                     "from the last good epoch")
             self.opt.zero_grad(set_to_none=True)
