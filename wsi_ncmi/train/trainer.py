@@ -246,14 +246,16 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             train_loss = self.train_epoch(epoch)
-            val = self.evaluate_epoch()["val"]["metrics"]
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
-                   **{f"val_{k}": val[k] for k in ("macro_f1", "auc", "balanced_accuracy", "accuracy",
-                                                   "concentration", "separation", "ncmi")}}
-            self.history.append(row)
-            value = val[key] if np.isfinite(val[key]) else -math.inf
-            improved = value > self.best["value"] + 1e-9
-            if self.ddp:  # rank 0 decides (identical models, but never risk ranks leaving the loop apart)
+            value = improved = None
+            if self.is_main:  # data-parallel: the ranks hold identical models, so only rank 0 validates
+                val = self.evaluate_epoch()["val"]["metrics"]
+                row = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
+                       **{f"val_{k}": val[k] for k in ("macro_f1", "auc", "balanced_accuracy", "accuracy",
+                                                       "concentration", "separation", "ncmi")}}
+                self.history.append(row)
+                value = val[key] if np.isfinite(val[key]) else -math.inf
+                improved = value > self.best["value"] + 1e-9
+            if self.ddp:  # rank 0's decision, so the ranks never leave the loop apart
                 value, improved = gather(self.ddp, (value, improved))[0]
             if improved:
                 self.best = {"epoch": epoch, "value": value}
