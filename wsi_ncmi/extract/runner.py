@@ -368,7 +368,7 @@ def run_extraction(cfg: ExtractConfig, encoder=None) -> RunSummary:
     summary.save(out / "logs")
     if not w.distributed:
         return summary
-    merged = RunSummary.merge(gather(w, summary), [slide_id_for(p) for p in shard_paths])
+    merged = RunSummary.merge(gather(w, summary), [slide_id_for(p) for p in shard_paths], cfg.shard)
     if w.is_main:
         merged.save(out / "logs", "-merged")
     finish(w)

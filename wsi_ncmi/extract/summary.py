@@ -58,8 +58,9 @@ class RunSummary:
         return d
 
     @classmethod
-    def merge(cls, parts: list["RunSummary"], order: list[str]) -> "RunSummary":
-        """One summary of several ranks' runs (torchrun): all slides in ``order``, wall time of the slowest."""
+    def merge(cls, parts: list["RunSummary"], order: list[str], shard: str) -> "RunSummary":
+        """One summary of several ranks' runs of ``shard`` (torchrun): all slides in ``order``, wall time
+        of the slowest."""
         first = parts[0]
         rank = {sid: k for k, sid in enumerate(order)}
         results = sorted((r for p in parts for r in p.results), key=lambda r: rank.get(r.slide_id, len(rank)))
@@ -67,7 +68,7 @@ class RunSummary:
         return cls(out=first.out, encoder=next((p.encoder for p in parts if p.encoder), ""),
                    device=",".join(devices), precision=next((p.precision for p in parts if p.precision), ""),
                    batch_size=first.batch_size, workers=sum(p.workers for p in parts),
-                   shard=f"{first.shard.split(' ')[0]} x {len(parts)} ranks", results=results,
+                   shard=f"{shard} x {len(parts)} ranks", results=results,
                    seconds=max(p.seconds for p in parts), started=min(p.started for p in parts))
 
     def save(self, log_dir: Path, tag: str = "") -> Path:
