@@ -18,6 +18,7 @@ from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.losses import Objective, create_objective, kl_matrix
 from wsi_ncmi.losses.pc_softmax import class_priors
 from wsi_ncmi.mil.models.base import MILModel, MILOutput
+from wsi_ncmi.train.checkpoint import load_checkpoint, load_state
 from wsi_ncmi.train.config import TrainConfig
 
 
@@ -59,14 +60,14 @@ def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
         raise WsiNcmiError(f"{run}: training has not finished (no metrics.json); finish it with `wsi-ncmi train ... --resume`")
     agg = json.loads((run / "metrics.json").read_text())
     classes = agg["classes"]
-    st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    st = load_checkpoint(ckpt)
     C = len(classes)
     model = create_mil_model(cfg.model, in_dim, C, dropout=cfg.dropout)
-    model.load_state_dict(st["model"])
+    load_state(model, st["model"], ckpt)
     objective = create_objective(cfg.loss, C, model.embed_dim, None, ncmi_space=cfg.ncmi_space,
                                  ncmi_centroids=cfg.ncmi_centroids, ncmi_temperature=cfg.ncmi_temperature,
                                  mi_window=cfg.mi_window)
-    objective.load_state_dict(st["objective"])
+    load_state(objective, st["objective"], ckpt)
     model.eval()
     objective.eval()
     rm = RunModel(cfg, classes, model, objective, class_priors(agg["counts"]["train"], C, counts=True))
@@ -74,6 +75,6 @@ def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
         sc = run / f"seed_{seed}" / "scoring.pt"
         if not sc.is_file():
             raise WsiNcmiError(f"{sc}: missing; rerun `wsi-ncmi evaluate {run}` to write it")
-        s = torch.load(sc, map_location="cpu", weights_only=False)
+        s = load_checkpoint(sc)
         rm.qbar, rm.tau = s["qbar"], float(s["tau"])
     return rm

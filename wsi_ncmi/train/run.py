@@ -25,6 +25,7 @@ from wsi_ncmi.distributed import finish, gather, start, world
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.tasks import load_task, pn_stage
 from wsi_ncmi.tasks.base import Task
+from wsi_ncmi.train.checkpoint import save_checkpoint
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import BagStore, FeatureSource
 from wsi_ncmi.train.metrics import bootstrap_ci, mean_std, quadratic_kappa
@@ -93,7 +94,7 @@ def write_seed_outputs(trainer: Trainer, scores: dict[str, dict], out: Path) -> 
         metrics[sp] = o["metrics"]
         if "tau" in o:
             metrics[sp]["score_temperature"] = o["tau"]
-            torch.save({"qbar": o["qbar"], "tau": o["tau"]}, out / "scoring.pt")   # for single-slide scoring
+            save_checkpoint({"qbar": o["qbar"], "tau": o["tau"]}, out / "scoring.pt")   # for single-slide scoring
     if "test" in scores:
         t = scores["test"]
         metrics["test"]["ci95"] = bootstrap_ci(t["y"].numpy(), t["pred"].numpy(), t["scores"].numpy(),

@@ -28,6 +28,7 @@ from wsi_ncmi.losses import create_objective, fit_temperature, kl_matrix, ncmi_v
 from wsi_ncmi.losses.ncmi import class_mean
 from wsi_ncmi.mil.models import create_mil_model
 from wsi_ncmi.tasks.base import SlideRecord, Task
+from wsi_ncmi.train.checkpoint import load_checkpoint, save_checkpoint
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import BagStore, collate
 from wsi_ncmi.train.inference import centroid_scores
@@ -55,9 +56,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(obj, path)   # atomic, with a checksum (wsi_ncmi.train.checkpoint)
 
 
 def _rng_state() -> dict:
@@ -129,11 +128,10 @@ class Trainer:
         last = self.out / "last.pt"
         if not last.exists():
             return False
-        st = torch.load(last, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(st["model"])
-        self.objective.load_state_dict(st["objective"])
+        st = load_checkpoint(last, self.device, self.model, self.objective)
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
+        self.sched.T_max = self.cfg.epochs   # --resume with more --epochs: the schedule stretches to them
         if self.copt and st["copt"]:
             self.copt.load_state_dict(st["copt"])
         self.history, self.best, self.start_epoch = st["history"], st["best"], st["epoch"] + 1
@@ -276,9 +274,7 @@ class Trainer:
 
     def final_scores(self) -> dict[str, dict]:
         """Reload the best epoch (recorded in ``self.best``) and score every split."""
-        st = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
-        self.model.load_state_dict(st["model"])
-        self.objective.load_state_dict(st["objective"])
+        st = load_checkpoint(self.out / "best.pt", self.device, self.model, self.objective)
         self.best["epoch"] = int(st["epoch"])
         outs = {sp: self.forward_split(self.task.split(sp)) for sp in ("train", "val", "test") if self.task.split(sp)}
         ref_val = outs.get("val", outs["train"])
