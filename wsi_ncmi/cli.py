@@ -112,6 +112,7 @@ examples:
   wsi-ncmi train --task bracs --slides BRACS_WSI/ --features features/ --loss ce --seeds 5 --out runs/bracs_ce
   wsi-ncmi train --task csv --labels cohort.csv --features features/ --out runs/mine   # slide_id,label[,split|fold,patient]
   wsi-ncmi train ... --resume          # continue a killed run from its last epoch
+  wsi-ncmi train ... --overwrite       # replace the run in --out (another run's settings are refused)
 
 output (in --out): config.yaml, metrics.md / metrics.json (mean +/- std over seeds), and per seed
 best.pt/last.pt, history.csv, predictions_<split>.csv, metrics.json (bootstrap CIs), curves.png,
@@ -168,12 +169,16 @@ def _add_train(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels")
     p.add_argument("--resume", action="store_true", default=None, help="continue from each seed's last.pt")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run in --out (without it, a run of other settings there is refused)")
     p.add_argument("--allow-missing", action="store_true", default=None,
                    help="train without listed slides that have no features (they are reported)")
     p.add_argument("--quiet", "-q", dest="progress", action="store_false", default=None, help="no progress bars")
     e = sub.add_parser("evaluate", help="re-score a trained run (writes <run>/evaluate/)")
     e.add_argument("run", help="run folder of `wsi-ncmi train`")
     e.add_argument("--features", help="features to score on (default: the run's own)")
+    e.add_argument("--labels", help="label file (default: the run's own; for a moved run or corrected labels)")
+    e.add_argument("--slides", help="BRACS_WSI folder (default: the run's own)")
     h = sub.add_parser("heatmap", help="attention or information heatmap of a slide under a trained run",
                        description="Draw a trained model's view of one slide over its thumbnail. --kind attention: "
                                    "attention rank per patch. --kind info: attention beside the per-patch pointwise "
@@ -220,7 +225,7 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from wsi_ncmi.train.run import run_evaluation
 
-    run_evaluation(args.run, args.features)
+    run_evaluation(args.run, args.features, args.labels, args.slides)
     return 0
 
 

@@ -37,6 +37,7 @@ class TrainConfig:
     precision: str = "auto"           # auto = bf16 on GPU, fp32 on CPU
     deterministic: bool = False
     resume: bool = False
+    overwrite: bool = False           # replace a run of other settings in --out (train/runfolder.py)
     allow_missing: bool = False       # train without listed slides that have no features
     val_fraction: float = 0.1
     split_seed: int = 0

@@ -2,7 +2,8 @@
 
 Run folder::
 
-    config.yaml                   resolved settings
+    config.yaml                   resolved settings (absolute paths)
+    run.json, .train.lock         identity of the run, lock while training (see runfolder.py)
     seed_<s>/best.pt, last.pt     checkpoints (best on validation; last for --resume)
     seed_<s>/history.csv          per-epoch loss, validation metrics and NCMI diagnostics
     seed_<s>/predictions_<split>.csv   slide_id,label,pred,p_0..p_{C-1},attention_entropy
@@ -29,6 +30,8 @@ from wsi_ncmi.train.checkpoint import save_checkpoint
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import BagStore, FeatureSource
 from wsi_ncmi.train.metrics import bootstrap_ci, mean_std, quadratic_kappa
+from wsi_ncmi.train.runfolder import (absolute_paths, load_run_config, open_run, refuse_while_training,
+                                      releases_run_lock)
 from wsi_ncmi.train.trainer import Trainer
 
 REPORTED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ncmi")
@@ -146,6 +149,7 @@ def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> 
     return agg
 
 
+@releases_run_lock
 def run_training(cfg: TrainConfig) -> dict:
     """Train every seed and aggregate. Under torchrun: seeds are shared out one per rank (rank r
     trains seeds r, r + world, ...) and rank 0 gathers them into the one report; a single seed on
@@ -157,9 +161,10 @@ def run_training(cfg: TrainConfig) -> dict:
     if w.distributed:
         cfg = replace(cfg, device=w.device(cfg.device), progress=cfg.progress and w.is_main)
         start(w)
+    cfg = absolute_paths(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     task, store, _ = prepare(cfg)
+    open_run(cfg, task, store, w.is_main)   # identity check, lock, run.json: before anything is written
     if w.is_main:
         cfg.save(out / "config.yaml")
         mode = (f"; {w.size} ranks, data-parallel" if ddp else f"; {w.size} ranks, seeds in parallel") \
@@ -192,12 +197,12 @@ def run_training(cfg: TrainConfig) -> dict:
     return agg
 
 
-def run_evaluation(run: str | Path, features: str | None = None) -> dict:
+def run_evaluation(run: str | Path, features: str | None = None, labels: str | None = None,
+                   slides: str | None = None) -> dict:
     """Re-score a trained run (e.g. on re-extracted features) into ``<run>/evaluate/``."""
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise WsiNcmiError(f"{run}: not a training run folder (no config.yaml); pass the --out of `wsi-ncmi train`")
-    cfg = TrainConfig.from_sources(str(run / "config.yaml"), features=features, resume=False)
+    cfg = load_run_config(run, features=features, labels=labels, slides=slides)
+    refuse_while_training(run, "evaluate")
     task, store, _ = prepare(cfg)
     out = run / "evaluate"
     per_seed = []
