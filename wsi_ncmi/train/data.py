@@ -25,6 +25,7 @@ class FeatureSource:
         self.cohort: ZarrCohort | None = None
         if self.root.suffix == ".zarr" and self.root.is_dir():
             self.cohort = ZarrCohort(self.root)
+            self.cohort.check_current()   # the staleness check the folder path has
         elif (self.root / CACHE_NAME).is_dir():
             cohort = ZarrCohort(self.root / CACHE_NAME)
             if cohort.is_current(self.root):
