@@ -38,6 +38,7 @@ def save_heatmap(run: str | Path, slide: str, features: str | Path | None = None
     import matplotlib.pyplot as plt
 
     from wsi_ncmi.mil.information import ESTIMATORS, info_contrast, instance_information, removal_information
+    from wsi_ncmi.slides.match import check_slide_matches
     from wsi_ncmi.slides.open import open_slide, slide_id_for
     from wsi_ncmi.slides.tissue import read_thumbnail
     from wsi_ncmi.store.h5 import read_feature_file
@@ -78,7 +79,9 @@ def save_heatmap(run: str | Path, slide: str, features: str | Path | None = None
     if not path.is_file():
         raise WsiNcmiError(f"slide '{sid}': slide file not found (recorded path: {attrs.get('slide_path')}); "
                            "pass the slide file instead of its id")
+    check_slide_matches(path, attrs, h5)
     s = open_slide(path)
+    check_slide_matches(path, attrs, h5, s.dimensions)
     mpp = float(attrs.get("mpp_x", 0) or 0) or float(s.properties.get("openslide.mpp-x", 1.0))
     thumb, sx, sy = read_thumbnail(s, mpp, max(mpp, mpp * s.dimensions[0] / 1600))
     s.close()
