@@ -245,25 +245,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from pathlib import Path
+    from wsi_ncmi.train.report import report
 
-    from wsi_ncmi.demo.run import comparison_table
-
-    results, seeds = {}, set()
-    for run in args.runs:
-        f = Path(run) / "metrics.json"
-        if not f.is_file():
-            raise WsiNcmiError(f"{run}: no metrics.json; is it a finished `wsi-ncmi train` run?")
-        agg = json.loads(f.read_text())
-        if "test" not in agg:
-            raise WsiNcmiError(f"{f}: no test metrics in this run")
-        label = f"{agg['model']}/{agg['loss']}"
-        results[label if label not in results else f"{label} ({run})"] = agg
-        seeds.add(len(agg["seeds"]))
-    table = comparison_table(results, max(seeds), f"{agg['task']}: test split")
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    print(report(args.runs, args.out))
     return 0
 
 
