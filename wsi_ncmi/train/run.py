@@ -30,6 +30,7 @@ from wsi_ncmi.train.checkpoint import save_checkpoint
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import BagStore, FeatureSource
 from wsi_ncmi.train.metrics import bootstrap_ci, mean_std, quadratic_kappa
+from wsi_ncmi.train.padding import padding_warning
 from wsi_ncmi.train.runfolder import (absolute_paths, load_run_config, open_run, refuse_while_training,
                                       releases_run_lock)
 from wsi_ncmi.train.trainer import Trainer
@@ -167,6 +168,8 @@ def run_training(cfg: TrainConfig) -> dict:
     open_run(cfg, task, store, w.is_main)   # identity check, lock, run.json: before anything is written
     if w.is_main:
         cfg.save(out / "config.yaml")
+        if note := padding_warning(cfg, task, store):
+            print(note, flush=True)
         mode = (f"; {w.size} ranks, data-parallel" if ddp else f"; {w.size} ranks, seeds in parallel") \
             if w.distributed else ""
         print(f"{task.name}: {len(task.slides)} slides, classes {task.classes}, train/val/test "
