@@ -1,0 +1,320 @@
+"""Training runs that never lose, mix or misreport work: every case of the run-folder probe, on
+real files (generated HDF5 cohorts, real checkpoints, a real pyramidal TIFF), through the real CLI
+entry point (``wsi_ncmi.cli.main``: a traceback fails the test), a real subprocess and a real kill -9."""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from wsi_ncmi.cli import main
+from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.mil.synthetic import make_cohort
+from wsi_ncmi.store import FeatureWriter
+from wsi_ncmi.store.zarr_cache import pack_features
+from wsi_ncmi.train.config import TrainConfig
+from wsi_ncmi.train.data import FeatureSource
+from wsi_ncmi.train.padding import padding_warning
+from wsi_ncmi.train.run import prepare, run_training
+
+from conftest import make_tissue_slide
+
+SLIDE_MPP = 2.0
+
+
+def cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _train_args(c: Path, out: Path, *extra) -> list:
+    return ["train", "--task", "csv", "--labels", c / "labels.csv", "--features", c / "features", "--out", out,
+            "--epochs", "2", "--lr", "1e-3", "--bootstrap", "10", "-q", *extra]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bags of 10-20 rows: one thread is faster, and on a busy machine far faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """24 small bags; bag_0000's file records a real slide, as extraction does."""
+    root = tmp_path_factory.mktemp("runfolder")
+    c = make_cohort(root / "c", n_slides=24, dim=8, bag_size=(10, 20), separation=6.0)
+    n = len(h5py.File(c / "features" / "bag_0000.h5", "r")["coords"])
+    slide = make_tissue_slide(root / "slides" / "bag_0000.tiff", SLIDE_MPP, [(100, 100, n * 512 - 200, 500)],
+                              width_um=n * 512 + 200, height_um=700)
+    with h5py.File(c / "features" / "bag_0000.h5", "r+") as f:
+        f.attrs.update({"slide_path": str(slide), "slide_size_bytes": slide.stat().st_size, "mpp_x": SLIDE_MPP,
+                        "level0_width": int(round((n * 512 + 200) / SLIDE_MPP)),
+                        "level0_height": int(round(700 / SLIDE_MPP)), "patch_size_level0_x": 256})
+    make_tissue_slide(root / "other" / "bag_0000.tiff", SLIDE_MPP, [(50, 50, 300, 300)], width_um=800,
+                      height_um=600, seed=3)   # same name, another slide
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(cohort):
+    """A finished one-seed NCMI run (copied by the tests that damage or change it)."""
+    rc, _, err = cli(*_train_args(cohort, cohort.parent / "run"))
+    assert rc == 0, err
+    return cohort.parent / "run"
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+# ---- pack ------------------------------------------------------------------------------------------
+def test_pack_never_deletes_user_data(cohort, trained, tmp_path):
+    feats = shutil.copytree(cohort / "features", tmp_path / "f")
+    (tmp_path / "mine.zarr").mkdir()
+    (tmp_path / "mine.zarr" / "notes.txt").write_text("my notes")
+    (tmp_path / "file.zarr").write_text("a file")
+    before_f, before_run = _snapshot(feats), _snapshot(trained)
+    for target, why in ((feats, "ending in .zarr"), (trained, "ending in .zarr"), (feats / "bag_0001.h5", ".zarr"),
+                        (tmp_path / "mine.zarr", "not a cache made by `wsi-ncmi pack`"), (tmp_path / "file.zarr", "a file")):
+        rc, _, err = cli("pack", feats, target)
+        assert rc == 2 and why in err and str(target) in err, err
+    assert _snapshot(feats) == before_f and _snapshot(trained) == before_run
+    assert (tmp_path / "mine.zarr" / "notes.txt").read_text() == "my notes"
+    assert not list(tmp_path.rglob("*.zarr.partial"))
+    for _ in range(2):          # a cache of its own is replaced
+        rc, out, err = cli("pack", feats)
+        assert rc == 0 and "cohort.zarr" in out, err
+    assert FeatureSource(feats).kind == "zarr" and _snapshot(feats / "cohort.zarr")
+
+
+def test_pack_keeps_float64_values_finite_and_refuses_nan(tmp_path):
+    feats = tmp_path / "f"
+    big = np.array([[1e5, -7e4, 3.0], [0.5, 2e6, -1.0]])
+    for sid, x in (("a", big), ("b", np.ones((3, 3)))):
+        w = FeatureWriter(feats / f"{sid}.h5", feats / ".p", np.zeros((len(x), 2)), 3, "float64")
+        w.write(0, x)
+        w.commit()
+    rc, out, err = cli("pack", feats)
+    assert rc == 0 and "float32" in out, err
+    bag = FeatureSource(feats).load("a")
+    assert bag.dtype == np.float32 and np.isfinite(bag).all() and np.array_equal(bag, big.astype(np.float32))
+    with h5py.File(feats / "b.h5", "r+") as f:     # a bag the extraction's writer would have refused
+        f["features"][1, 1] = np.nan
+    rc, _, err = cli("pack", feats, tmp_path / "new.zarr")
+    assert rc == 2 and "b.h5: features contain NaN" in err, err
+    assert not (tmp_path / "new.zarr").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_stale_cache_passed_directly_is_refused(cohort, tmp_path):
+    feats = shutil.copytree(cohort / "features", tmp_path / "f")
+    cache = pack_features(feats, progress=False)
+    assert FeatureSource(cache).kind == "zarr"
+    os.utime(feats / "bag_0003.h5", (1, 1))           # a source file changed after packing
+    with pytest.raises(WsiNcmiError, match=r"cohort.zarr: older than the .h5 files .*wsi-ncmi pack"):
+        FeatureSource(cache)
+    moved = shutil.copytree(cache, tmp_path / "node" / "cohort.zarr")   # away from its .h5 files: used as it is
+    shutil.rmtree(feats)
+    assert FeatureSource(moved).kind == "zarr"
+
+
+# ---- run identity ------------------------------------------------------------------------------------
+def test_a_run_folder_refuses_other_settings_and_overwrite_replaces_it(cohort, trained, tmp_path):
+    run = _copy(trained, tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    before = _snapshot(run)
+    cases = [(["--loss", "ce"], "holds a run of other settings (loss (ncmi -> ce))"),
+             (["--loss", "ce", "--resume"], "--resume with changed settings: loss (ncmi -> ce)"),
+             (["--model", "transmil", "--resume"], "model (abmil -> transmil)"),
+             (["--lr", "3e-4", "--epochs", "3", "--resume"], "lr (0.001 -> 0.0003)"),
+             ([], "already holds this run (seed_0 finished); pass --resume")]
+    for extra, message in cases:
+        rc, _, err = cli(*_train_args(cohort, run, *extra))
+        assert rc == 2 and message in err and "--overwrite" in err, (extra, err)
+    assert _snapshot(run) == before                  # nothing written, nothing removed
+    rc, out, err = cli(*_train_args(cohort, run, "--seeds", "2", "--resume", "--epochs", "3"))
+    assert rc == 0 and "epochs 2 -> 3" in out and "seed 0: already finished, kept" in out, err
+    assert (run / "seed_0" / "best.pt").read_bytes() == (trained / "seed_0" / "best.pt").read_bytes()
+    rc, out, err = cli(*_train_args(cohort, run, "--loss", "ce", "--overwrite"))
+    assert rc == 0 and "--overwrite: removed the previous run" in out, err
+    agg = json.loads((run / "metrics.json").read_text())
+    assert agg["loss"] == "ce" and agg["seeds"] == [0] and not (run / "seed_1").exists()
+    assert json.loads((run / "run.json").read_text())["identity"]["loss"] == "ce"
+    assert (run / "notes.txt").read_text() == "mine"  # --overwrite removes only what a run writes
+
+
+def test_out_must_be_a_writable_folder_that_is_a_run_or_empty(cohort, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "slides.txt").write_text("x")
+    for out, message in ((tmp_path / "file", "a file, not a folder"), (tmp_path / "file" / "run", "cannot create"),
+                         (tmp_path / "data", "not empty and not a wsi-ncmi run folder")):
+        rc, _, err = cli(*_train_args(cohort, out, "--overwrite"))
+        assert rc == 2 and message in err, err
+    assert (tmp_path / "data" / "slides.txt").exists() and sorted(os.listdir(tmp_path / "data")) == ["slides.txt"]
+    if os.geteuid() != 0:                            # root writes into read-only folders anyway
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        rc, _, err = cli(*_train_args(cohort, ro / "run"))
+        assert rc == 2 and "pass a writable --out" in err, err
+
+
+def test_two_trainings_cannot_share_a_run_folder_and_kill_9_frees_it(cohort, tmp_path):
+    out = tmp_path / "run"
+    args = [str(a) for a in _train_args(cohort, out)]
+    args[args.index("--epochs") + 1] = "100000"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "wsi_ncmi", *args, "--patience", "100000"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in p.stdout:
+            if "epoch   1" in line:
+                break
+        assert p.poll() is None, "the first training ended early"
+        rc, _, err = cli(*_train_args(cohort, out, "--resume"))
+        assert rc == 2 and f"another training is writing this run folder (pid {p.pid}" in err, err
+        rc, _, err = cli("evaluate", out)
+        assert rc == 2 and "a training is writing this run folder" in err, err
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert (out / ".train.lock").exists()            # left behind by kill -9 ...
+    rc, stdout, err = cli(*_train_args(cohort, out, "--resume"))   # ... and taken over: its pid is gone
+    assert rc == 0 and "resuming after epoch" in stdout, err
+    assert not (out / ".train.lock").exists()
+
+
+# ---- paths -------------------------------------------------------------------------------------------
+def test_evaluate_finds_the_runs_own_files_from_anywhere(cohort, tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(cohort / "labels.csv", proj / "labels.csv")
+    shutil.copytree(cohort / "features", proj / "features")
+    monkeypatch.chdir(proj)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_training(TrainConfig(task="csv", labels="labels.csv", features="features", out="runs/r", epochs=1,
+                                 lr=1e-3, loss="ce", progress=False, bootstrap=10))
+    run = proj / "runs" / "r"
+    assert f"labels: {proj / 'labels.csv'}" in (run / "config.yaml").read_text()
+    # elsewhere, files under the same names: a decoy label file with every label shifted
+    other = tmp_path / "elsewhere"
+    shutil.copytree(proj / "features", other / "features")
+    rows = (proj / "labels.csv").read_text().splitlines()
+    other.joinpath("labels.csv").write_text("\n".join([rows[0]] + [
+        f"{r.split(',')[0]},{(int(r.split(',')[1]) + 1) % 4},{r.split(',')[2]}" for r in rows[1:]]) + "\n")
+    monkeypatch.chdir(other)
+    trained_test = json.loads((run / "seed_0" / "metrics.json").read_text())["test"]
+    rc, _, err = cli("evaluate", run)
+    assert rc == 0, err
+    again = json.loads((run / "evaluate" / "seed_0" / "metrics.json").read_text())["test"]
+    assert again["confusion"] == trained_test["confusion"] and again["auc"] == pytest.approx(trained_test["auc"])
+    os.rename(proj / "labels.csv", proj / "moved.csv")
+    rc, _, err = cli("evaluate", run)
+    assert rc == 2 and "labels.csv: the labels of this run" in err and "pass --labels" in err, err
+    rc, _, err = cli("evaluate", run, "--labels", proj / "moved.csv")
+    assert rc == 0, err
+    shutil.copy(other / "labels.csv", proj / "labels.csv")     # same name, other labels
+    rc, _, err = cli("evaluate", run)
+    assert rc == 2 and "not the label file this run was trained on" in err, err
+
+
+# ---- evaluate / heatmap / report -------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["empty", "truncated", "overwritten"])
+def test_a_damaged_checkpoint_is_named_with_the_fix(trained, tmp_path, damage):
+    run = _copy(trained, tmp_path / "run")
+    best = run / "seed_0" / "best.pt"
+    data = bytearray(best.read_bytes())
+    if damage == "empty":
+        data = b""
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    else:                                            # 2 KB in the middle: torch.load alone would not notice
+        mid = len(data) // 2
+        data[mid:mid + 2048] = np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+    best.write_bytes(bytes(data))
+    rc, _, err = cli("evaluate", run)
+    assert rc == 2 and f"{best}: damaged checkpoint" in err and "--resume" in err, err
+    assert damage != "overwritten" or "does not match its checksum" in err, err
+    rc, _, err = cli("heatmap", run, "bag_0001")
+    assert rc == 2 and f"{best}: damaged checkpoint" in err, err
+
+
+def test_damaged_last_pt_and_features_of_another_dimension(cohort, trained, tmp_path):
+    run = _copy(trained, tmp_path / "run")
+    (run / "seed_0" / "metrics.json").unlink()       # an unfinished seed, so --resume reads last.pt
+    last = run / "seed_0" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    rc, _, err = cli(*_train_args(cohort, run, "--resume"))
+    assert rc == 2 and f"{last}: damaged checkpoint" in err, err
+    other = make_cohort(tmp_path / "d5", n_slides=24, dim=5, bag_size=(10, 20))
+    rc, _, err = cli("evaluate", trained, "--features", other / "features")
+    assert rc == 2 and "best.pt: the weights do not fit" in err and "--features" in err, err
+    rc, _, err = cli("heatmap", trained, "bag_0001", "--features", other / "features")
+    assert rc == 2 and "best.pt: the weights do not fit" in err, err
+
+
+def test_heatmap_refuses_another_slide_of_the_same_name(cohort, trained, tmp_path):
+    rc, _, err = cli("heatmap", trained, cohort.parent / "other" / "bag_0000.tiff", "--out", tmp_path / "x.png")
+    assert rc == 2 and "not the slide the features in" in err and "bag_0000.h5" in err, err
+    assert not (tmp_path / "x.png").exists()
+    rc, out, err = cli("heatmap", trained, cohort.parent / "slides" / "bag_0000.tiff", "--out", tmp_path / "ok.png")
+    assert rc == 0 and (tmp_path / "ok.png").stat().st_size > 0, err
+
+
+def test_report_checks_its_inputs_and_keeps_tasks_apart(trained, tmp_path):
+    rc, _, err = cli("report", trained / "seed_0")
+    assert rc == 2 and f"a seed folder; pass its run folder {trained}" in err, err
+    rc, _, err = cli("report", trained, "--out", tmp_path)
+    assert rc == 2 and "a folder; pass a file such as" in err, err
+    bad = _copy(trained, tmp_path / "bad")
+    (bad / "metrics.json").write_text('{"task": "csv", "mod')
+    rc, _, err = cli("report", trained, bad)
+    assert rc == 2 and f"{bad / 'metrics.json'}: unreadable" in err, err
+    runs = [trained]
+    for task in ("bracs", "camelyon17"):
+        r = _copy(trained, tmp_path / task)
+        agg = json.loads((r / "metrics.json").read_text())
+        (r / "metrics.json").write_text(json.dumps(dict(agg, task=task)))
+        runs.append(r)
+    rc, out, err = cli("report", *runs, "--out", tmp_path / "report.md")
+    assert rc == 0, err
+    titles = [line for line in out.splitlines() if "test split" in line]
+    assert [t.split(":")[0] for t in titles] == ["csv", "bracs", "camelyon17"]
+    assert (tmp_path / "report.md").read_text().strip() == out.strip()
+
+
+# ---- memory --------------------------------------------------------------------------------------
+def test_padding_that_multiplies_memory_is_warned_about(tmp_path):
+    c = make_cohort(tmp_path / "c", n_slides=20, dim=8, bag_size=(10, 20))
+    w = FeatureWriter(c / "features" / "huge.h5", c / "features" / ".p", np.zeros((4000, 2)), 8, "float32")
+    w.write(0, np.zeros((4000, 8), np.float32))
+    w.commit()
+    with open(c / "labels.csv", "a") as fh:
+        fh.write("huge,0,train\n")
+    cfg = TrainConfig(task="csv", labels=str(c / "labels.csv"), features=str(c / "features"), batch_size=4)
+    task, store, _ = prepare(cfg)
+    note = padding_warning(cfg, task, store)
+    assert note and "huge has 4,000 patches" in note and "--batch-size 1" in note and "--max-patches" in note
+    assert padding_warning(TrainConfig(**dict(cfg.to_dict(), batch_size=1)), task, store) is None
+    assert padding_warning(TrainConfig(**dict(cfg.to_dict(), max_patches=20)), task, store) is None
