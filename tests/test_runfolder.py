@@ -237,6 +237,12 @@ def test_evaluate_finds_the_runs_own_files_from_anywhere(cohort, tmp_path, monke
     shutil.copy(other / "labels.csv", proj / "labels.csv")     # same name, other labels
     rc, _, err = cli("evaluate", run)
     assert rc == 2 and "not the label file this run was trained on" in err, err
+    shutil.copy(proj / "moved.csv", proj / "labels.csv")
+    moved = shutil.move(proj, tmp_path / "moved")          # a project moved with its files still resumes
+    monkeypatch.chdir(moved)
+    rc, out, err = cli("train", "--task", "csv", "--labels", "labels.csv", "--features", "features", "--out", "runs/r",
+                       "--epochs", "1", "--lr", "1e-3", "--loss", "ce", "--bootstrap", "10", "-q", "--resume")
+    assert rc == 0 and "seed 0: already finished, kept" in out, err
 
 
 # ---- evaluate / heatmap / report -------------------------------------------------------------------

@@ -14,6 +14,8 @@ settings, of two processes at once, or paths that mean something else from anoth
 * While training, ``.train.lock`` (the extraction's O_EXCL ``SlideLock``: host, pid, heartbeat,
   stale takeover after kill -9) keeps a second training (and ``evaluate``) out of the folder.
 * Paths are stored absolute; relative paths of older runs are read against the run folder first.
+  The identity compares what the paths hold (label digest, task digest, feature fingerprint), not
+  the paths themselves, so a project moved with its files (``mv``, ``cp -a``) still resumes.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def differences(old: dict, new: dict, defaults: dict) -> list[str]:
     unchanged when the new value is its default (settings added to TrainConfig later)."""
     out = []
     for k in sorted(set(old) | set(new)):
-        if k in NOT_IDENTITY:
+        if k in NOT_IDENTITY or k in PATH_KEYS:   # recorded; compared through their digests
             continue
         if k not in old and (k in DERIVED or new.get(k) == defaults.get(k)):
             continue
@@ -303,10 +305,11 @@ def open_run(cfg, task, store, main: bool = True) -> None:
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         diff = differences(old, new, defaults)
         work = _work(out)
-        if cfg.overwrite:
+        if cfg.overwrite or (diff and not work):   # nothing trained yet: nothing to lose or to mix
             _remove_run(out)
             record = {}
-            print(f"note: --overwrite: removed the previous run in {out}" + (f" ({', '.join(work)})" if work else ""))
+            print(f"note: {'--overwrite: ' if cfg.overwrite else ''}removed the previous run in {out}"
+                  + (f" ({', '.join(work)})" if work else " (no epoch finished)"))
         elif diff and cfg.resume:
             raise WsiNcmiError(
                 f"{out}: --resume with changed settings: {', '.join(diff)}; only "
