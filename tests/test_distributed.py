@@ -161,6 +161,11 @@ def test_one_seed_on_two_ranks_trains_data_parallel(bags, tmp_path):
     assert 0 <= m["test"]["macro_f1"] <= 1 and (tmp_path / "ddp" / "seed_0" / "best.pt").is_file()
     hist = (tmp_path / "ddp" / "seed_0" / "history.csv").read_text().splitlines()
     assert len(hist) == 5                              # header + 4 epochs, written once (rank 0)
+    before = (tmp_path / "ddp" / "seed_0" / "best.pt").read_bytes()
+    res = subprocess.run(torchrun(*_train_args(bags, tmp_path / "ddp", "--loss", "ce", "--resume")), env=ENV,
+                         capture_output=True, text=True, timeout=600)   # rank 0's refusal stops every rank
+    assert res.returncode != 0 and res.stderr.count("--resume with changed settings: loss (ncmi -> ce)") == 2
+    assert (tmp_path / "ddp" / "seed_0" / "best.pt").read_bytes() == before
 
 
 def test_slurm_array_script_composes_shards_with_torchrun_ranks(tmp_path):

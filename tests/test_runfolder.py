@@ -149,10 +149,15 @@ def test_a_run_folder_refuses_other_settings_and_overwrite_replaces_it(cohort, t
              (["--model", "transmil", "--resume"], "model (abmil -> transmil)"),
              (["--lr", "3e-4", "--epochs", "3", "--resume"], "lr (0.001 -> 0.0003)"),
              ([], "already holds this run (seed_0 finished); pass --resume")]
+    errors = []
     for extra, message in cases:
         rc, _, err = cli(*_train_args(cohort, run, *extra))
         assert rc == 2 and message in err and "--overwrite" in err, (extra, err)
+        errors.append(err)
     assert _snapshot(run) == before                  # nothing written, nothing removed
+    assert f"--config {run / 'config.yaml'} --resume" in errors[3]
+    rc, out, err = cli("train", "--config", run / "config.yaml", "--resume")   # what the message says
+    assert rc == 0 and "seed 0: already finished, kept" in out, err
     rc, out, err = cli(*_train_args(cohort, run, "--seeds", "2", "--resume", "--epochs", "3"))
     assert rc == 0 and "epochs 2 -> 3" in out and "seed 0: already finished, kept" in out, err
     assert (run / "seed_0" / "best.pt").read_bytes() == (trained / "seed_0" / "best.pt").read_bytes()
@@ -162,6 +167,7 @@ def test_a_run_folder_refuses_other_settings_and_overwrite_replaces_it(cohort, t
     assert agg["loss"] == "ce" and agg["seeds"] == [0] and not (run / "seed_1").exists()
     assert json.loads((run / "run.json").read_text())["identity"]["loss"] == "ce"
     assert (run / "notes.txt").read_text() == "mine"  # --overwrite removes only what a run writes
+    assert "overwrite: false" in (run / "config.yaml").read_text()
 
 
 def test_out_must_be_a_writable_folder_that_is_a_run_or_empty(cohort, tmp_path):

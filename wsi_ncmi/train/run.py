@@ -165,7 +165,7 @@ def run_training(cfg: TrainConfig) -> dict:
     cfg = absolute_paths(cfg)
     out = Path(cfg.out)
     task, store, _ = prepare(cfg)
-    open_run(cfg, task, store, w.is_main)   # identity check, lock, run.json: before anything is written
+    open_run(cfg, task, store, w)   # identity check, lock, run.json: before anything is written
     if w.is_main:
         cfg.save(out / "config.yaml")
         if note := padding_warning(cfg, task, store):

@@ -274,13 +274,28 @@ def _usable_folder(out: Path) -> None:
         raise WsiNcmiError(f"--out {out}: not writable; pass a writable --out")
 
 
-def open_run(cfg, task, store, main: bool = True) -> None:
+def open_run(cfg, task, store, world=None) -> None:
     """Check the folder against this run's identity, take its lock and record the identity.
 
     Call after the task and features were loaded (nothing is written before every input is
-    known good). Non-main torchrun ranks leave all of this to rank 0."""
-    if not main:
-        return
+    known good). Under torchrun rank 0 does this while the other ranks wait (they would otherwise
+    create seed folders first), and every rank stops with rank 0's error if there is one."""
+    from wsi_ncmi.distributed import gather
+
+    if world is None or not world.distributed:
+        return _open_run(cfg, task, store)
+    error = None
+    if world.is_main:
+        try:
+            _open_run(cfg, task, store)
+        except WsiNcmiError as exc:
+            error = str(exc)
+    error = gather(world, error)[0]
+    if error is not None:
+        raise WsiNcmiError(error)
+
+
+def _open_run(cfg, task, store) -> None:
     from wsi_ncmi.train.config import TrainConfig
 
     out = Path(cfg.out)
@@ -314,8 +329,8 @@ def open_run(cfg, task, store, main: bool = True) -> None:
             raise WsiNcmiError(
                 f"{out}: --resume with changed settings: {', '.join(diff)}; only "
                 f"{', '.join(sorted(MAY_CHANGE_ON_RESUME - {'resume', 'overwrite'}))} may change on --resume. Resume "
-                "with the run's own settings (see its config.yaml), or pass --overwrite to train it again from "
-                "scratch (or another --out)")
+                f"with the run's own settings (`wsi-ncmi train --config {out / 'config.yaml'} --resume`), or pass "
+                "--overwrite to train it again from scratch (or another --out)")
         elif diff:
             raise WsiNcmiError(
                 f"{out}: holds a run of other settings ({', '.join(diff)}); pass another --out, or --overwrite to "
@@ -335,6 +350,7 @@ def open_run(cfg, task, store, main: bool = True) -> None:
         raise WsiNcmiError(
             f"--out {out}: not empty and not a wsi-ncmi run folder (holds {', '.join(sorted(entries)[:3])}"
             f"{', ...' if len(entries) > 3 else ''}); pass a new or empty folder. Nothing was changed")
+    cfg.overwrite = False   # consumed here: a config.yaml carrying it would replace the run via --config
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     settings = {k: v for k, v in cfg.to_dict().items() if k in MAY_CHANGE_ON_RESUME}
     history = record.get("history", []) + [{"time": now, "action": "resumed" if record else "created",
