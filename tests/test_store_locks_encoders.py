@@ -102,7 +102,9 @@ def test_lock_of_other_host_is_stale_only_after_silence(tmp_path):
 
 # ---- encoders ----------------------------------------------------------------------------------
 PUBLISHED_DIMS = {"resnet50_trunc": 1024, "efficientnet_lite0": 1280, "uni": 1024, "uni2_h": 1536,
-                  "virchow2": 2560, "h_optimus_0": 1536, "gigapath": 1536}
+                  "virchow2": 2560, "h_optimus_0": 1536, "gigapath": 1536,
+                  # issue #16: H-optimus-1 and Virchow through timm; Phikon-v2, Hibou-L, Midnight-12k through transformers
+                  "h_optimus_1": 1536, "virchow": 2560, "phikon_v2": 1024, "hibou_l": 1024, "midnight_12k": 3072}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_DIMS))
@@ -115,6 +117,36 @@ def test_registered_architectures_give_published_dims(name):
         x = enc.preprocess(torch.zeros(2, 256, 256, 3, dtype=torch.uint8, device="meta"))
         assert x.shape[-1] == spec.input_size
         assert enc.embed(x).shape == (2, PUBLISHED_DIMS[name]) == (2, spec.dim)
+
+
+def test_transformers_encoder_runs_and_loads_a_weights_file(tmp_path):
+    """The transformers build path on the CPU: output shape/dtype of Hibou-L's layout (4 registers,
+    class-token output) at a small width (the full-size architectures are checked on meta above),
+    then the same weights saved and loaded back through ``--weights FILE``."""
+    from dataclasses import replace
+
+    from wsi_ncmi.encoders.model import Encoder
+
+    small = dict(get_spec("hibou_l").hf_config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    spec = replace(get_spec("hibou_l"), name="hibou_small", dim=64, hf_config=small)
+    enc = Encoder.build(spec, allow_random=True)
+    assert enc.trunk.num_prefix_tokens == 5
+    x = torch.randint(0, 255, (2, 256, 256, 3), dtype=torch.uint8)
+    out = enc(x, "fp32")
+    assert out.shape == (2, 64) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.save(enc.trunk.model.state_dict(), tmp_path / "hibou.pth")
+    again = Encoder.build(spec, weights=str(tmp_path / "hibou.pth"))
+    assert again.weights_id.startswith("file:hibou.pth") and torch.allclose(again(x, "fp32"), out, atol=1e-5)
+
+
+def test_encoders_command_lists_the_new_encoders():
+    from conftest import run_cli
+
+    r = run_cli("encoders")
+    assert r.returncode == 0, r.stderr
+    for name in ("h_optimus_1", "virchow", "phikon_v2", "hibou_l", "midnight_12k"):
+        line = next(l for l in r.stdout.splitlines() if l.startswith(name + " "))
+        assert f"dim {PUBLISHED_DIMS[name]}" in line and get_spec(name).precision in line
 
 
 def test_offline_hub_error_says_how_to_pass_weights():

@@ -59,6 +59,9 @@ def _add_extract(sub) -> None:
     e.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     e.add_argument("--batch-size", type=int, help="patches per batch (default 256 on GPU, 32 on CPU)")
     e.add_argument("--workers", type=int, help="patch-reading processes (default: cores - 1, at most 16)")
+    e.add_argument("--reader", choices=["auto", "openslide"],
+                   help="patch reader: auto reads JPEG-tiled TIFF/SVS levels' raw tiles (same pixels as "
+                        "OpenSlide, faster; checked per slide) and everything else through OpenSlide (default auto)")
     e.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="inference precision (default auto: the encoder's own on GPU, fp32 on CPU)")
     e.add_argument("--feature-dtype", choices=["float16", "float32"], help="stored dtype (default float16)")

@@ -81,3 +81,53 @@ register_encoder(EncoderSpec(
     citation="Xu et al. 2024, A whole-slide foundation model for digital pathology from real-world data "
              "(Prov-GigaPath), Nature",
 ))
+
+# ---- issue #16: the encoders researchers ask for (preprocessing, output and precision per card) ----
+register_encoder(EncoderSpec(
+    name="h_optimus_1", arch="vit_giant_patch14_reg4_dinov2", dim=1536, hub="hf-hub:bioptimus/H-optimus-1",
+    arch_kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, dynamic_img_size=False),
+    hub_kwargs=dict(init_values=1e-5, dynamic_img_size=False),
+    mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517), precision="fp16", gated=True,
+    citation="Bioptimus 2025, H-optimus-1 model card (huggingface.co/bioptimus/H-optimus-1); ViT-g/14 with "
+             "4 registers trained with DINOv2 (Oquab et al. 2023, arXiv:2304.07193)",
+))
+
+_VIRCHOW = dict(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="",
+                dynamic_img_size=True, mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
+register_encoder(EncoderSpec(
+    name="virchow", arch="vit_huge_patch14_224", dim=2560, hub="hf-hub:paige-ai/Virchow",
+    arch_kwargs=_VIRCHOW, hub_kwargs=dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU),
+    pooling="cls+mean", precision="fp16", gated=True,
+    citation="Vorontsov et al. 2024, A foundation model for clinical-grade computational pathology and rare "
+             "cancers detection (Virchow), Nature Medicine, arXiv:2309.07778",
+))
+
+register_encoder(EncoderSpec(
+    name="phikon_v2", arch="vit_large_patch16_224", dim=1024, hub="hf-hub:owkin/phikon-v2", builder="transformers",
+    hf_config=dict(config_class="Dinov2Config", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                   mlp_ratio=4, patch_size=16, image_size=224, layerscale_value=1e-5),
+    pooling="cls", precision="bf16",
+    citation="Filiot et al. 2024, Phikon-v2, A large and public feature extractor for biomarker prediction, "
+             "arXiv:2409.09173",
+))
+
+register_encoder(EncoderSpec(
+    name="hibou_l", arch="vit_large_patch14_reg4_dinov2", dim=1024, hub="hf-hub:histai/hibou-L",
+    builder="transformers", trust_remote_code=True,
+    hf_config=dict(config_class="Dinov2WithRegistersConfig", hidden_size=1024, num_hidden_layers=24,
+                   num_attention_heads=16, mlp_ratio=4, patch_size=14, image_size=224, num_register_tokens=4,
+                   layerscale_value=1e-5),
+    mean=(0.7068, 0.5755, 0.722), std=(0.195, 0.2316, 0.1816), pooling="cls", precision="bf16",
+    citation="Nechaev et al. 2024, Hibou: A Family of Foundational Vision Transformers for Pathology, "
+             "arXiv:2406.05074",
+))
+
+register_encoder(EncoderSpec(
+    name="midnight_12k", arch="vit_giant_patch14_dinov2", dim=3072, hub="hf-hub:kaiko-ai/midnight",
+    builder="transformers",
+    hf_config=dict(config_class="Dinov2Config", hidden_size=1536, num_hidden_layers=40, num_attention_heads=24,
+                   mlp_ratio=4, use_swiglu_ffn=True, patch_size=14, image_size=224, layerscale_value=1e-5),
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pooling="cls+mean", precision="bf16",
+    citation="Karasikov et al. 2025, Training state-of-the-art pathology foundation models with orders of "
+             "magnitude less data (Midnight), arXiv:2504.05186",
+))

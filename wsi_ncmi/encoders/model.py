@@ -54,6 +54,21 @@ class Encoder(nn.Module):
     def build(cls, spec: EncoderSpec, weights: str | None = None, device="cpu", allow_random: bool = False):
         import timm
 
+        if spec.builder == "transformers":
+            from wsi_ncmi.encoders.hf import build_hf_trunk
+
+            if weights is not None:
+                if not Path(weights).is_file():
+                    raise WsiNcmiError(f"{weights}: weights file not found; pass the path to a downloaded "
+                                       f"state dict for '{spec.name}'")
+                trunk = build_hf_trunk(spec, "random")
+                cls._load(trunk.model, _read_state_dict(weights), spec, weights)
+                weights_id = f"file:{Path(weights).name} sha256:{file_digest(weights)}"
+            elif allow_random:
+                trunk, weights_id = build_hf_trunk(spec, "random"), "random-init"
+            else:
+                trunk, weights_id = build_hf_trunk(spec, "hub"), spec.hub
+            return cls._finish(spec, trunk, weights_id, device)
         if weights is not None:
             if not Path(weights).is_file():
                 raise WsiNcmiError(f"{weights}: weights file not found; pass the path to a downloaded "
@@ -75,6 +90,10 @@ class Encoder(nn.Module):
         if spec.pooling == "trunc-layer3":
             trunk.layer4 = nn.Identity()
             trunk.fc = nn.Identity()
+        return cls._finish(spec, trunk, weights_id, device)
+
+    @classmethod
+    def _finish(cls, spec: EncoderSpec, trunk: nn.Module, weights_id: str, device) -> "Encoder":
         enc = cls(spec, trunk, weights_id).eval().to(device)
         if enc.dim < 0:  # an unregistered timm model: read its size
             enc.dim = int(getattr(trunk, "num_features"))
@@ -153,6 +172,8 @@ class Encoder(nn.Module):
             x = t.maxpool(t.act1(t.bn1(t.conv1(x))))
             x = t.layer3(t.layer2(t.layer1(x)))
             return x.mean(dim=(2, 3))
+        if p == "cls":
+            return t.forward_features(x)[:, 0]
         if p == "cls+mean":
             tokens = t.forward_features(x)
             npt = getattr(t, "num_prefix_tokens", 1)

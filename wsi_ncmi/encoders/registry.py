@@ -19,11 +19,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class EncoderSpec:
     """How to build, feed and run one patch encoder.
 
-    ``pooling``: ``"head"`` (the timm model's own pooled output), ``"cls+mean"`` (class token
-    concatenated with the mean of the patch tokens after ``num_prefix_tokens``; Virchow2), or
+    ``pooling``: ``"head"`` (the timm model's own pooled output), ``"cls"`` (the final class token),
+    ``"cls+mean"`` (class token concatenated with the mean of the patch tokens after
+    ``num_prefix_tokens``; Virchow, Virchow2, Midnight), or
     ``"trunc-layer3"`` (ResNet-50 stem..layer3 + global average pool; CLAM/TRIDENT baseline).
     ``resize``: ``"resize"`` to ``input_size`` or ``"resize-crop"`` (resize to ``resize_to`` then
     centre-crop ``input_size``; Prov-GigaPath's published transform).
+    ``builder``: ``"timm"`` or ``"transformers"`` (``hf_config``: the ``transformers`` config class
+    and its arguments, used to build the architecture offline; see ``encoders/hf.py``).
     """
 
     name: str
@@ -43,11 +46,15 @@ class EncoderSpec:
     citation: str = ""
     local_weights: Callable[[], str] | None = None  # weights shipped in a Python package
     weight_mapping: str = "names"   # "names" or "ordered" (tensors mapped in order)
+    builder: str = "timm"           # "timm" or "transformers"
+    hf_config: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "arch": self.arch, "dim": self.dim, "hub": self.hub,
                 "input_size": self.input_size, "resize": self.resize, "mean": list(self.mean),
-                "std": list(self.std), "pooling": self.pooling, "precision": self.precision}
+                "std": list(self.std), "pooling": self.pooling, "precision": self.precision,
+                "builder": self.builder}
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}

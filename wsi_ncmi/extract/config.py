@@ -33,6 +33,7 @@ class ExtractConfig:
     slide_mpp: float | None = None    # level-0 mpp for slides whose metadata has none
     mpp_csv: str | None = None        # slide_id,mpp per-slide overrides
     device: str = "auto"              # auto, cpu, cuda, cuda:1, ...
+    reader: str = "auto"              # auto (raw JPEG tiles where verified, else OpenSlide) or openslide
     batch_size: int = 0               # 0 = auto (256 on GPU, 32 on CPU)
     workers: int = -1                 # -1 = auto (cores - 1, at most 16)
     precision: str = "auto"           # auto (encoder's own on GPU, fp32 on CPU), fp32, fp16, bf16
@@ -65,6 +66,8 @@ class ExtractConfig:
             raise WsiNcmiError(f"--patch-size {self.patch_size}: use 16-4096 px (typical: 224 or 256)")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise WsiNcmiError(f"--min-tissue {self.min_tissue}: a fraction between 0 and 1")
+        if self.reader not in ("auto", "openslide"):
+            raise WsiNcmiError(f"--reader {self.reader}: choose auto (raw JPEG tiles when possible) or openslide")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise WsiNcmiError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
         if self.feature_dtype not in ("float16", "float32"):

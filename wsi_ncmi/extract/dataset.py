@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from wsi_ncmi.slides.open import open_slide
 from wsi_ncmi.slides.patches import PatchReader
+from wsi_ncmi.slides.rawjpeg import RawJpegReader, load_level
 
 MAX_OPEN_SLIDES = 4
 
@@ -38,13 +39,24 @@ class PatchTask:
     patch_size: int
     start: int               # row of the first patch of this batch in the slide's file
     coords: np.ndarray       # (B, 2) level-0 top-left
+    reader: str = "openslide"           # or "raw-jpeg"
+    raw_page: int = -1                  # TIFF page of the read level (raw-jpeg)
+    background: tuple = (255, 255, 255)
+    decode_on: str = "worker"           # raw-jpeg only: "worker" (libjpeg-turbo) or "device" (main process)
 
 
-def grid_tasks(key: int, path: str, grid, batch: int):
+def grid_tasks(key: int, path: str, grid, batch: int, reader: str = "openslide", raw_page: int = -1,
+               background: tuple = (255, 255, 255), decode_on: str = "worker"):
     """One ``PatchTask`` per ``batch`` consecutive patches of a slide's grid."""
     for start in range(0, len(grid), batch):
         yield PatchTask(key, str(path), grid.read_level, grid.read_downsample, grid.extent_x, grid.extent_y,
-                        grid.patch_size, start, grid.coords[start:start + batch])
+                        grid.patch_size, start, grid.coords[start:start + batch], reader, raw_page,
+                        tuple(background), decode_on if reader == "raw-jpeg" else "worker")
+
+
+def plan_tasks(key: int, plan, batch: int, decode_on: str = "worker"):
+    """``grid_tasks`` for a ``SlidePlan``, with the reader the planner chose for it."""
+    return grid_tasks(key, plan.path, plan.grid, batch, plan.reader, plan.raw_page, plan.background, decode_on)
 
 
 def make_task_loader(workers: int, pin_memory: bool, maxsize: int = 0):
@@ -63,7 +75,8 @@ def make_task_loader(workers: int, pin_memory: bool, maxsize: int = 0):
 
 
 class PatchTaskDataset(IterableDataset):
-    """Yields ``{"key", "start", "images": uint8 (B, P, P, 3)}`` or ``{"key", "start", "error"}``."""
+    """Yields ``{"key", "start", "images": uint8 (B, P, P, 3)}``, ``{"key", "start", "packed": ...}``
+    (compressed tiles for the device, see ``device_cut.pack_batch``) or ``{"key", "start", "error"}``."""
 
     def __init__(self, tasks, parent_pid: int):
         super().__init__()
@@ -88,17 +101,30 @@ class PatchTaskDataset(IterableDataset):
                     return
                 if task.key in failed:
                     continue
+                hkey = (task.path, task.raw_page) if task.reader == "raw-jpeg" else task.path
                 try:
-                    slide = handles.pop(task.path, None) or open_slide(task.path)
-                    handles[task.path] = slide
+                    handle = handles.pop(hkey, None)
+                    if handle is None:
+                        handle = (RawJpegReader(load_level(task.path, task.raw_page)) if task.reader == "raw-jpeg"
+                                  else open_slide(task.path))
+                    handles[hkey] = handle
                     while len(handles) > MAX_OPEN_SLIDES:
                         handles.popitem(last=False)[1].close()
-                    reader = PatchReader(slide, task.read_level, task.read_downsample, task.extent_x,
-                                         task.extent_y, task.patch_size)
+                    if task.reader == "raw-jpeg":
+                        reader = PatchReader(None, task.read_level, task.read_downsample, task.extent_x,
+                                             task.extent_y, task.patch_size, raw=handle, background=task.background)
+                        if task.decode_on == "device":
+                            from wsi_ncmi.slides.device_cut import pack_batch
+
+                            yield {"key": task.key, "start": task.start, "packed": pack_batch(reader, task.coords)}
+                            continue
+                    else:
+                        reader = PatchReader(handle, task.read_level, task.read_downsample, task.extent_x,
+                                             task.extent_y, task.patch_size)
                     batch = reader.read_batch(task.coords)
                 except Exception as exc:  # an OpenSlide read error leaves the handle unusable
                     failed.add(task.key)
-                    bad = handles.pop(task.path, None)
+                    bad = handles.pop(hkey, None)
                     if bad is not None:
                         bad.close()
                     yield {"key": task.key, "start": task.start,

@@ -21,7 +21,8 @@ from wsi_ncmi.errors import SlideError
 from wsi_ncmi.extract.config import ExtractConfig
 from wsi_ncmi.slides.grid import PatchGrid, plan_grid
 from wsi_ncmi.slides.mpp import Mpp, resolve_mpp
-from wsi_ncmi.slides.open import level_downsamples, open_slide, slide_bounds, slide_id_for
+from wsi_ncmi.slides.open import background_color, level_downsamples, open_slide, slide_bounds, slide_id_for
+from wsi_ncmi.slides.rawjpeg import probe_raw_jpeg
 from wsi_ncmi.slides.tissue import tissue_geojson, tissue_mask_for_slide
 
 
@@ -34,6 +35,9 @@ class SlidePlan:
     attrs: dict = field(default_factory=dict)
     coords_attrs: dict = field(default_factory=dict)
     plan_seconds: float = 0.0
+    reader: str = "openslide"       # "raw-jpeg" (verified raw tiles) or "openslide"
+    raw_page: int = -1              # TIFF page of the read level for "raw-jpeg"
+    background: tuple = (255, 255, 255)
 
 
 def settings_fingerprint(cfg: ExtractConfig) -> str:
@@ -70,6 +74,13 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
         if len(grid) == 0:
             raise SlideError(path, "no-tissue", f"no patch is at least {cfg.min_tissue:.0%} tissue "
                                                 f"({tm.tissue_fraction:.1%} of the slide is tissue); lower --min-tissue")
+        reader, raw_page, reader_note = "openslide", -1, "--reader openslide"
+        if cfg.reader == "auto":
+            level, why = probe_raw_jpeg(path, slide, grid.read_level)
+            if level is not None:
+                reader, raw_page, reader_note = "raw-jpeg", level.page, ""
+            else:
+                reader_note = why
         if cfg.thumbnails:
             from wsi_ncmi.viz.thumbnails import save_grid_thumbnail
 
@@ -85,17 +96,20 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
             "target_mpp": cfg.mpp, "patch_size": cfg.patch_size,
             "patch_size_level0_x": grid.extent_x, "patch_size_level0_y": grid.extent_y,
             "read_level": grid.read_level, "read_downsample": grid.read_downsample,
+            "reader": reader, "reader_note": reader_note,
             "tissue_method": params.to_dict(), "tissue_threshold": tm.threshold, "min_tissue": cfg.min_tissue,
             "grid_cells": grid.n_cells, "settings_fingerprint": settings_fingerprint(cfg),
             "package": "wsi-ncmi", "package_version": __version__, "host": socket.gethostname(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
         }
+        background = background_color(slide)
         coords_attrs = {"patch_level": 0, "patch_size": int(round(grid.extent_x)),
                         "patch_size_level0": int(round(grid.extent_x)), "target_patch_size": cfg.patch_size,
                         "target_mpp": cfg.mpp, "name": sid}
     finally:
         slide.close()
-    return SlidePlan(sid, path, mpp, grid, attrs, coords_attrs, time.perf_counter() - t0)
+    return SlidePlan(sid, path, mpp, grid, attrs, coords_attrs, time.perf_counter() - t0, reader, raw_page,
+                     background)
 
 
 def tissue_fraction_dataset(grid: PatchGrid) -> np.ndarray:

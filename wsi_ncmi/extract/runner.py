@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from wsi_ncmi.distributed import finish, gather, world
 from wsi_ncmi.errors import SlideError, WsiNcmiError
 from wsi_ncmi.extract.config import ExtractConfig
-from wsi_ncmi.extract.dataset import grid_tasks, make_task_loader
+from wsi_ncmi.extract.dataset import make_task_loader, plan_tasks
 from wsi_ncmi.extract.locks import HOST, SlideLock, _pid_alive
 from wsi_ncmi.extract.plan import SlidePlan, plan_slide, settings_fingerprint, tissue_fraction_dataset
 from wsi_ncmi.extract.summary import RunSummary, SlideResult
@@ -117,6 +117,13 @@ class _Extraction:
         self.precision = resolve_precision(cfg.precision, self.encoder.spec.precision, self.device)
         self.batch = cfg.batch_size or (256 if self.device.type == "cuda" else 32)
         self.workers = cfg.resolved_workers(world().local_size)
+        # raw JPEG tiles are decoded where the encoder runs when that is a GPU (nvjpeg), else in the workers
+        self.decode_on = "device" if self.device.type == "cuda" else "worker"
+        self.cutter = None
+        if self.decode_on == "device":
+            from wsi_ncmi.slides.device_cut import DeviceCutter
+
+            self.cutter = DeviceCutter(self.device)
         summary.encoder, summary.device = cfg.encoder, str(self.device)
         summary.precision, summary.batch_size, summary.workers = self.precision, self.batch, self.workers
         self.inflight: dict[int, _InFlight] = {}
@@ -183,7 +190,7 @@ class _Extraction:
                 self.tile_bar.total = (self.tile_bar.total or 0) + len(plan.grid)
                 self.tile_bar.refresh()
                 top_up()
-                for task in grid_tasks(key, plan.path, plan.grid, self.batch):
+                for task in plan_tasks(key, plan, self.batch, self.decode_on):
                     if not self._put(task):
                         break
             for _, _, lock, fut in pending:  # stopped early
@@ -251,7 +258,7 @@ class _Extraction:
             st.lock.release()
             self._close_bar(st)
             self._record(SlideResult(plan.slide_id, str(plan.path), "done", patches=len(plan.grid),
-                                     seconds=time.perf_counter() - st.t0))
+                                     seconds=time.perf_counter() - st.t0, reader=plan.reader))
             with self.guard:
                 self.inflight.pop(st.key, None)
 
@@ -282,7 +289,10 @@ class _Extraction:
                                f"{item['start'] + self.batch - 1} ({item['error']}); the file is damaged: "
                                "copy or scan it again")
                     continue
-                imgs = item["images"].to(self.device, non_blocking=True)
+                if "packed" in item:
+                    imgs = self.cutter(item["key"], item["packed"])
+                else:
+                    imgs = item["images"].to(self.device, non_blocking=True)
                 feats = self.encoder(imgs, self.precision)
                 if cuda:
                     buf = host_bufs[turn][: len(feats)]

@@ -19,6 +19,7 @@ class SlideResult:
     message: str = ""
     patches: int = 0
     seconds: float = 0.0
+    reader: str = ""         # raw-jpeg | openslide (done slides)
 
 
 @dataclass
@@ -48,13 +49,23 @@ class RunSummary:
         return self.tiles / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def readers(self) -> dict[str, int]:
+        """Done slides per patch reader (raw-jpeg, openslide)."""
+        out: dict[str, int] = {}
+        for r in self.results:
+            if r.status == "done" and r.reader:
+                out[r.reader] = out.get(r.reader, 0) + 1
+        return out
+
+    @property
     def failed(self) -> list[SlideResult]:
         return [r for r in self.results if r.status == "failed"]
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(tiles=self.tiles, tiles_per_s=round(self.tiles_per_s, 2),
-                 counts={s: self.count(s) for s in ("done", "skipped", "failed", "busy")})
+                 counts={s: self.count(s) for s in ("done", "skipped", "failed", "busy")},
+                 readers=self.readers)
         return d
 
     @classmethod
@@ -93,7 +104,8 @@ class RunSummary:
                 ranks = f", {self.shard.split(' x ')[1]}" if " x " in self.shard else ""
                 lines.append(f"  {self.tiles:,} tiles in {self.seconds:.1f} s = {self.tiles_per_s:,.1f} tiles/s "
                              f"({self.encoder}, {self.device}, {self.precision}, batch {self.batch_size}, "
-                             f"{self.workers} workers{ranks})")
+                             f"{self.workers} workers{ranks}"
+                             + "".join(f", {n} {k}" for k, n in sorted(self.readers.items())) + ")")
         for r in self.failed:
             lines.append(f"  FAILED [{r.reason}] {r.message}")
         return "\n".join(lines)
