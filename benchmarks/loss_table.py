@@ -82,7 +82,7 @@ def main() -> None:
         slug = "".join(c if c.isalnum() else "_" for c in name)
         cfg = TrainConfig(task=args.task, labels=args.labels, features=args.features, model=args.model,
                           out=str(work / "runs" / slug), seeds=args.seeds, epochs=args.epochs, lr=args.lr,
-                          device=args.device, progress=False, bootstrap=100, **extra, **kw)
+                          device=args.device, progress=False, bootstrap=100, overwrite=True, **extra, **kw)
         with contextlib.redirect_stdout(io.StringIO()):
             agg = run_training(cfg)
         t = agg["test"]

@@ -179,6 +179,15 @@ def test_out_must_be_a_writable_folder_that_is_a_run_or_empty(cohort, tmp_path):
         rc, _, err = cli(*_train_args(cohort, out, "--overwrite"))
         assert rc == 2 and message in err, err
     assert (tmp_path / "data" / "slides.txt").exists() and sorted(os.listdir(tmp_path / "data")) == ["slides.txt"]
+    # a folder that merely holds a config.yaml (of another tool) and figures is not an old run: untouched
+    mine = tmp_path / "mine"
+    (mine / "heatmaps").mkdir(parents=True)
+    (mine / "config.yaml").write_text("extract:\n  mpp: 0.5\n")
+    (mine / "heatmaps" / "figure.png").write_bytes(b"png")
+    (mine / "metrics.md").write_text("my notes")
+    before = _snapshot(mine)
+    rc, _, err = cli(*_train_args(cohort, mine))
+    assert rc == 2 and "not a wsi-ncmi run folder" in err and _snapshot(mine) == before, err
     if os.geteuid() != 0:                            # root writes into read-only folders anyway
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
@@ -270,6 +279,18 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(trained, tmp_path, damage):
     assert damage != "overwritten" or "does not match its checksum" in err, err
     rc, _, err = cli("heatmap", run, "bag_0001")
     assert rc == 2 and f"{best}: damaged checkpoint" in err, err
+
+
+def test_evaluate_refuses_splits_other_than_those_trained_on(cohort, trained, tmp_path):
+    moved = tmp_path / "labels.csv"          # same slides and labels, one val slide moved into test
+    rows = (cohort / "labels.csv").read_text().splitlines()
+    i = next(k for k, r in enumerate(rows) if r.endswith(",val"))
+    rows[i] = rows[i][:-len("val")] + "test"
+    moved.write_text("\n".join(rows) + "\n")
+    rc, _, err = cli("evaluate", trained, "--labels", moved)
+    assert rc == 2 and "differ from those this run was trained on" in err, err
+    rc, _, err = cli("evaluate", trained)
+    assert rc == 0, err
 
 
 def test_damaged_last_pt_and_features_of_another_dimension(cohort, trained, tmp_path):

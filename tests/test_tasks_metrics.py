@@ -23,9 +23,69 @@ def test_camelyon17_counts_centres_and_split():
     assert t.counts()["test"] == [121, 16, 18, 45]
     assert {s.centre for s in t.split("test")} == {3, 4}
     assert {s.centre for s in t.split("train") + t.split("val")} == {0, 1, 2}
-    val, trval = t.counts()["val"], [a + b for a, b in zip(t.counts()["train"], t.counts()["val"])]
-    assert all(abs(v - 0.1 * n) <= 1 for v, n in zip(val, trval))   # stratified 10%
+    val = t.counts()["val"]
+    assert all(v >= 1 for v in val) and 20 <= sum(val) <= 40         # every class, about 10% of 300
     assert t.split("val")[0].slide_id == load_task("camelyon17", labels=str(C17)).split("val")[0].slide_id
+
+
+@pytest.mark.parametrize("split_seed", range(6))
+def test_camelyon17_splits_never_share_a_patient(split_seed):
+    # the real 500-slide list: a patient's five nodes once landed in train and val independently
+    from wsi_ncmi.tasks.base import patients_in_two_splits
+
+    t = load_task("camelyon17", labels=str(C17), split_seed=split_seed, val_fraction=0.1)
+    assert patients_in_two_splits(t.slides) == {}
+    assert all(len({s.split for s in t.slides if s.patient == p}) == 1 for p in {s.patient for s in t.slides})
+    assert all(v >= 1 for v in t.counts()["val"])
+
+
+def test_the_validation_draw_never_takes_a_class_out_of_training():
+    # patients holding several classes: a rare class's only patient must stay in train
+    from wsi_ncmi.tasks.base import SlideRecord, stratified_val
+
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        recs = [SlideRecord(f"p{p}_{j}", int(lab), patient=f"p{p}") for p in range(12)
+                for j, lab in enumerate(rng.choice(4, size=int(rng.integers(1, 4)), p=[.6, .15, .15, .1]))]
+        stratified_val(recs, 0.2, seed)
+        assert {r.label for r in recs if r.split == "train"} == {r.label for r in recs}, seed
+        assert all(len({r.split for r in recs if r.patient == p}) == 1 for p in {r.patient for r in recs})
+
+
+def test_csv_splits_keep_patients_together_and_refuse_a_leaking_split_column(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(f"s{p:03d}_{k}", int(rng.integers(0, 3)), f"pat{p:03d}") for p in range(60) for k in range(3)]
+    drawn = tmp_path / "drawn.csv"
+    drawn.write_text("slide_id,label,patient\n" + "".join(f"{s},{y},{p}\n" for s, y, p in rows))
+    from wsi_ncmi.tasks.base import patients_in_two_splits
+
+    for seed in range(3):
+        t = load_task("csv", labels=str(drawn), split_seed=seed)
+        assert patients_in_two_splits(t.slides) == {} and all(len(t.split(sp)) for sp in ("train", "val", "test"))
+    given = tmp_path / "given.csv"
+    given.write_text("slide_id,label,split,patient\na1,x,train,pA\na2,y,test,pA\nb1,x,train,pB\nb2,y,val,pB\n"
+                     "c1,y,train,pC\nd1,x,test,pD\n")
+    with pytest.raises(WsiNcmiError, match=r"given.csv: 2 patient\(s\).*first: pA in test and train.*--allow-patient-overlap"):
+        load_task("csv", labels=str(given))
+    t = load_task("csv", labels=str(given), allow_patient_overlap=True)
+    assert "pA" in t.notes[0] and len(t.split("test")) == 2
+
+
+def test_bracs_patients_and_folders_are_checked(tmp_path):
+    t = load_task("bracs", labels=str(BRACS))     # case_id is the patient; the official split is patient-safe
+    assert len({s.patient for s in t.slides}) == 547 and t.notes == []
+    leak = tmp_path / "bracs.csv"
+    leak.write_text("case_id,slide_id,split_info,label\npatient_1,BRACS_1,train,0\npatient_1,BRACS_2,test,6\n"
+                    "patient_2,BRACS_3,test,5\n")
+    with pytest.raises(WsiNcmiError, match="patient_1 in test and train"):
+        load_task("bracs", labels=str(leak))
+    root = tmp_path / "BRACS_WSI"
+    for sp, typ in (("train", "N"), ("test", "N"), ("test", "IC")):
+        d = root / sp / "Group_BT" / f"Type_{typ}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / ("BRACS_9.svs" if typ == "N" else "BRACS_8.svs")).write_bytes(b"")
+    with pytest.raises(WsiNcmiError, match=r"slide BRACS_9 is in two places"):
+        load_task("bracs", slides=str(root))
 
 
 def test_pn_stage_rules_reproduce_the_official_patient_stages():
@@ -51,9 +111,14 @@ def test_bracs_from_csv_and_from_the_folder_layout(tmp_path):
         d = root / sp / f"Group_{grp}" / f"Type_{typ}"
         d.mkdir(parents=True)
         (d / f"{sid}.svs").write_bytes(b"")
-    t = load_task("bracs", slides=str(root))
-    assert t.counts() == {"train": [1, 0, 0, 0, 1, 0, 1], "val": [0, 0, 0, 0, 0, 1, 0], "test": [0, 1, 0, 1, 0, 0, 0]}
-    assert load_task("bracs3", slides=str(root)).counts()["train"] == [1, 1, 1]
+    with pytest.raises(WsiNcmiError, match="class\\(es\\) PB, UDH, FEA, DCIS have no training slides"):
+        load_task("bracs", slides=str(root))          # 7 classes, 4 never seen in training
+    t = load_task("bracs3", slides=str(root))
+    assert t.counts() == {"train": [1, 1, 1], "val": [0, 0, 1], "test": [1, 1, 0]}
+    assert t.warnings() == ["val split has no slide of class(es) benign, atypical: macro-F1 and AUC on val average "
+                            "over the classes it holds (and any it wrongly predicts)",
+                            "test split has no slide of class(es) malignant: macro-F1 and AUC on test average "
+                            "over the classes it holds (and any it wrongly predicts)"]
 
 
 def test_bad_label_files_name_the_file(tmp_path):
@@ -104,3 +169,39 @@ def test_metrics_equal_sklearn():
     from wsi_ncmi.train.metrics import quadratic_kappa
 
     assert quadratic_kappa([0, 1, 2, 3], [0, 2, 2, 3]) == pytest.approx(cohen_kappa_score([0, 1, 2, 3], [0, 2, 2, 3], weights="quadratic"))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("a,x,train\nb,x,val\nc,x,test\n", "every slide has the same label \\(x\\)"),
+    ("a,x,train\nb,x,val\nc,y,test\nd,y,val\n", "class\\(es\\) y have no training slides"),
+    ("a,x,train\nb,y,train\nc,x,test\nd,y,test\n", "task .csv. has no validation slides.*--val-fraction"),
+    ("a,Macro,train\nb,macro,train\nc,x,val\nd,x,test\n", "labels 'Macro' and 'macro' differ only by case"),
+    ("a,macro ,train\nb,macro,train\nc,x,val\nd,x,test\n", "labels 'macro' and 'macro ' differ only by case or whitespace"),
+])
+def test_cohorts_no_model_can_learn_are_refused_before_training(tmp_path, body, message):
+    f = tmp_path / "cohort.csv"
+    f.write_text("slide_id,label,split\n" + body)
+    with pytest.raises(WsiNcmiError, match=rf"cohort.csv: {message}"):
+        load_task("csv", labels=str(f))
+
+
+def test_camelyon17_conflicting_duplicate_rows_are_refused(tmp_path):
+    rows = C17.read_text().splitlines()
+    same = tmp_path / "same.csv"
+    same.write_text("\n".join(rows + [rows[2]]) + "\n")             # an identical repeat is harmless
+    assert len(load_task("camelyon17", labels=str(same)).slides) == 500
+    other = "patient_000_node_0.tif,macro"
+    conflict = tmp_path / "conflict.csv"
+    conflict.write_text("\n".join(rows + [other]) + "\n")
+    with pytest.raises(WsiNcmiError, match=r"conflict.csv:602: patient_000_node_0 is listed again with label 'macro' "
+                                           r"\(first 'negative'\)"):
+        load_task("camelyon17", labels=str(conflict))
+
+
+def test_macro_f1_leaves_out_a_class_absent_from_the_split_and_never_predicted():
+    y, pred = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 0])
+    scores = np.eye(3)[pred]
+    m = classification_metrics(y, pred, scores, 3)                 # class 2: no slide, never predicted
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    m2 = classification_metrics(y, np.array([0, 2, 1, 0]), np.eye(3)[[0, 2, 1, 0]], 3)   # predicted, absent: counts
+    assert m2["macro_f1"] == pytest.approx(f1_score(y, [0, 2, 1, 0], labels=[0, 1, 2], average="macro", zero_division=0))

@@ -211,16 +211,46 @@ def test_camelyon17_run_reports_patient_pn_kappa(tmp_path):
                                      for c in CLASSES]
 
 
-def test_divergence_stops_with_a_clear_message(cohort, tmp_path):
+def test_bad_feature_files_are_all_named_before_training(cohort, tmp_path):
     import shutil
 
     import h5py
 
     feats = tmp_path / "f"
     shutil.copytree(cohort / "features", feats)
-    with h5py.File(feats / "bag_0000.h5", "r+") as f:   # a corrupt bag the writer would have refused
+    with h5py.File(feats / "bag_0000.h5", "w") as f:     # the first file: another encoder's dimension, CLAM
+        f["features"] = np.zeros((3, 8), np.float32)       # style; it must not make the 63 others look bad
+    with h5py.File(feats / "bag_0001.h5", "r+") as f:   # a corrupt bag the writer would have refused
         f["features"][0, 0] = np.inf
+    (feats / "bag_0009.h5").write_bytes(b"not hdf5")
     cfg = _cfg(cohort, tmp_path / "r", epochs=2, loss="ce")
     cfg.features = str(feats)
-    with pytest.raises(WsiNcmiError, match="training diverged at epoch 1 .*--resume"):
+    # NaN/inf features are named up front, never reported as a learning-rate problem
+    with pytest.raises(WsiNcmiError, match=r"3 of 64 feature files are unusable: .*bag_0000.h5: dimension 8, not the "
+                                           r"cohort's 16; .*bag_0001.h5: 1 of \d+ patches hold NaN or inf; "
+                                           r".*bag_0009.h5: not a readable HDF5"):
         _quiet(run_training, cfg)
+    assert not (tmp_path / "r" / "seed_0").exists()
+
+
+def test_measurement_cohorts_are_plain_clam_files_of_real_rows(tmp_path):
+    # the held-out style cohorts the recipe is measured on: real scikit-learn rows, unscaled, no attributes
+    import h5py
+    from sklearn.datasets import load_wine
+
+    from wsi_ncmi.mil.synthetic import make_measurement_cohort
+    from wsi_ncmi.tasks import load_task
+
+    out = make_measurement_cohort(tmp_path / "wine", "wine", bags=(8, 4, 4))
+    t = load_task("csv", labels=str(out / "labels.csv"))
+    assert [len(t.split(s)) for s in ("train", "val", "test")] == [8, 4, 4] and t.counts()["train"] == [2, 2, 2, 2]
+    wine = load_wine()
+    target_of = {tuple(r): int(c) for r, c in zip(wine.data.astype(np.float32), wine.target)}
+    for s in t.slides:
+        with h5py.File(out / "features" / f"{s.slide_id}.h5") as f:
+            assert set(f) == {"features", "coords"} and not f.attrs
+            x = f["features"][()]
+        assert 24 <= len(x) <= 40 and all(tuple(r) in target_of for r in x)
+        positives = sum(target_of[tuple(r)] == 2 for r in x)          # class 2 rows are the "positive" ones
+        lo, hi = ((0, 0), (1, 2), (3, 6), (7, 14))[s.label]
+        assert lo <= positives <= hi

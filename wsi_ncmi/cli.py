@@ -144,7 +144,7 @@ _TRAIN_FLAGS = [
     ("dropout", float, "dropout in the aggregator (default 0.25)"),
     ("device", str, "auto, cpu, cuda, cuda:1 (default auto)"),
     ("precision", str, "auto (bf16 on GPU), fp32, bf16, fp16"),
-    ("val_fraction", float, "stratified validation fraction where the task draws one (default 0.1)"),
+    ("val_fraction", float, "validation fraction where the task draws one: whole patients, stratified (default 0.1)"),
     ("split_seed", int, "seed of that validation draw (default 0)"),
     ("test_fold", int, "for CSVs with a fold column: the test fold (default 0)"),
     ("ncmi_space", str, "where NCMI's P lives: logit (default) or embedding"),
@@ -176,6 +176,8 @@ def _add_train(sub) -> None:
                    help="replace the run in --out (without it, a run of other settings there is refused)")
     p.add_argument("--allow-missing", action="store_true", default=None,
                    help="train without listed slides that have no features (they are reported)")
+    p.add_argument("--allow-patient-overlap", action="store_true", default=None,
+                   help="train although the label file puts one patient's slides in two splits (they leak; noted)")
     p.add_argument("--quiet", "-q", dest="progress", action="store_false", default=None, help="no progress bars")
     e = sub.add_parser("evaluate", help="re-score a trained run (writes <run>/evaluate/)")
     e.add_argument("run", help="run folder of `wsi-ncmi train`")

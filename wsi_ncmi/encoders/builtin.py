@@ -92,8 +92,7 @@ register_encoder(EncoderSpec(
              "4 registers trained with DINOv2 (Oquab et al. 2023, arXiv:2304.07193)",
 ))
 
-_VIRCHOW = dict(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="",
-                dynamic_img_size=True, mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
+_VIRCHOW = {k: v for k, v in _VIRCHOW2.items() if k != "reg_tokens"}   # v1: the same ViT-H/14, no registers
 register_encoder(EncoderSpec(
     name="virchow", arch="vit_huge_patch14_224", dim=2560, hub="hf-hub:paige-ai/Virchow",
     arch_kwargs=_VIRCHOW, hub_kwargs=dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU),

@@ -290,7 +290,14 @@ class _Extraction:
                                "copy or scan it again")
                     continue
                 if "packed" in item:
-                    imgs = self.cutter(item["key"], item["packed"])
+                    try:        # a tile the device decoder rejects fails its slide, never the cohort
+                        imgs = self.cutter(item["key"], item["packed"])
+                    except Exception as exc:
+                        self._fail(st, "read-error",
+                                   f"{st.plan.path}: cannot decode the tiles of patch rows {item['start']}-"
+                                   f"{item['start'] + self.batch - 1} ({type(exc).__name__}: {exc}); the file is "
+                                   "damaged: copy or scan it again, or pass --reader openslide")
+                        continue
                 else:
                     imgs = item["images"].to(self.device, non_blocking=True)
                 feats = self.encoder(imgs, self.precision)

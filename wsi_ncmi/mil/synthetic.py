@@ -65,11 +65,7 @@ def make_cohort(out: str | Path, n_slides: int = 80, dim: int = 32, bag_size: tu
         seen[label] += 1
         split = "train" if u < splits[0] else "val" if u < splits[0] + splits[1] else "test"
         rows.append((sid, label, split))
-    with open(out / "labels.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "label", "split"])
-        w.writerows(rows)
-    return out
+    return _write_labels(out, rows)
 
 
 def class_sequence(n: int, num_classes: int, proportions=None) -> np.ndarray:
@@ -85,3 +81,63 @@ def class_sequence(n: int, num_classes: int, proportions=None) -> np.ndarray:
         counts[k] += 1
     keys = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
     return np.concatenate([np.full(c, k) for k, c in enumerate(counts)])[np.argsort(keys, kind="stable")]
+
+
+MEASUREMENT_SETS = {
+    # name: (sklearn loader, classes whose instances are "positive"); all bundled with scikit-learn
+    "digits": ("load_digits", (8,)),                  # 8x8 grey digits, 64-d, values 0-16
+    "breast_cancer": ("load_breast_cancer", (0,)),    # 30 raw cell-nucleus measurements, malignant positive
+    "wine": ("load_wine", (2,)),                      # 13 raw chemical measurements, scales 0.1-1680
+}
+MEASUREMENT_COUNTS = ((0, 0), (1, 2), (3, 6), (7, 14))   # positive instances per bag, by class
+
+
+def make_measurement_cohort(out: str | Path, dataset: str = "digits", seed: int = 0,
+                            bags: tuple[int, int, int] = (240, 60, 120), bag_size: tuple[int, int] = (24, 40),
+                            counts=MEASUREMENT_COUNTS) -> Path:
+    """A 4-class MIL cohort of *real* measurements, unscaled, written as plain CLAM-style HDF5.
+
+    Instances are rows of a scikit-learn bundled dataset (no download); the bag's class is set by
+    how many "positive" rows it holds (negative / ITC / micro / macro-like). Train+val bags draw
+    from 60% of the rows, test bags from the other 40%, so no row is shared across that line.
+    Files hold only ``features`` and ``coords`` (no attributes), as CLAM writes them: these cohorts
+    test that defaults work on data the project never shaped. ``labels.csv``: slide_id,label,split.
+    """
+    import h5py
+    from sklearn import datasets
+
+    loader, pos_classes = MEASUREMENT_SETS[dataset]
+    d = getattr(datasets, loader)()
+    x_all, t = d.data.astype(np.float32), d.target
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(x_all))
+    cut = int(0.6 * len(perm))
+    pools = {"fit": perm[:cut], "test": perm[cut:]}
+    is_pos = np.isin(t, pos_classes)
+    out = Path(out)
+    (out / "features").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n_bags in zip(("train", "val", "test"), bags):
+        pool = pools["test" if split == "test" else "fit"]
+        pos, neg = pool[is_pos[pool]], pool[~is_pos[pool]]
+        for i in range(n_bags):
+            label = i % len(counts)
+            n = int(rng.integers(bag_size[0], bag_size[1] + 1))
+            lo, hi = counts[label]
+            k = min(n, int(rng.integers(lo, hi + 1)))
+            idx = np.concatenate([rng.choice(pos, k), rng.choice(neg, n - k)])
+            rng.shuffle(idx)
+            sid = f"{dataset}_{split}_{i:03d}"
+            with h5py.File(out / "features" / f"{sid}.h5", "w") as f:
+                f["features"] = x_all[idx]
+                f["coords"] = np.stack([np.arange(n) * 256, np.zeros(n, int)], 1)
+            rows.append((sid, label, split))
+    return _write_labels(out, rows)
+
+
+def _write_labels(out: Path, rows: list[tuple[str, int, str]]) -> Path:
+    with open(out / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "label", "split"])
+        w.writerows(rows)
+    return out

@@ -74,7 +74,6 @@ def _fixed_round(s: torch.Tensor) -> torch.Tensor:
 def cut_run(region: torch.Tensor, oxs: np.ndarray, oy: float, w: float, h: float, size: int,
             direct: bool) -> torch.Tensor:
     """Patches of one run from its (H, W, 3) uint8 region tensor, as ``PatchReader._read_run`` cuts them."""
-    n = len(oxs)
     if direct:
         ry = int(round(oy))
         return torch.stack([region[ry:ry + size, int(round(ox)):int(round(ox)) + size] for ox in oxs])
@@ -152,7 +151,11 @@ class DeviceCutter:
 
     def _device_ok(self, key: int, streams: list[torch.Tensor]) -> bool:
         if key not in self.cpu_decode:
-            ours = self._decode(streams[:1])[0].cpu().to(torch.int16)
+            try:
+                ours = self._decode(streams[:1])[0].cpu().to(torch.int16)
+            except Exception:             # the device decoder cannot read this slide's tiles: decode on the CPU
+                self.cpu_decode[key] = True
+                return False
             ref = self._decode_cpu(streams[:1], "cpu")[0].to(torch.int16)
             self.cpu_decode[key] = ours.shape != ref.shape or int((ours - ref).abs().max()) > DEVICE_TOLERANCE
         return not self.cpu_decode[key]

@@ -12,15 +12,15 @@ TASKS = ("camelyon17", "bracs", "bracs3", "csv")
 
 
 def load_task(name: str, labels: str | None = None, slides: str | None = None, val_fraction: float = 0.1,
-              split_seed: int = 0, test_fold: int = 0) -> Task:
+              split_seed: int = 0, test_fold: int = 0, allow_patient_overlap: bool = False) -> Task:
     if name == "camelyon17":
         if not labels:
             raise WsiNcmiError("task camelyon17 needs --labels stage_labels.csv (the challenge's label file)")
         return load_camelyon17(labels, val_fraction, split_seed)
     if name in ("bracs", "bracs3"):
-        return load_bracs(slides, labels, three_class=name == "bracs3")
+        return load_bracs(slides, labels, three_class=name == "bracs3", allow_patient_overlap=allow_patient_overlap)
     if name == "csv":
-        return load_csv_task(labels, val_fraction, split_seed, test_fold)
+        return load_csv_task(labels, val_fraction, split_seed, test_fold, allow_patient_overlap)
     raise WsiNcmiError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
 
 

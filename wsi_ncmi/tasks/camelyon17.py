@@ -47,6 +47,7 @@ def load_camelyon17(labels: str | Path, val_fraction: float = 0.1, split_seed: i
         raise WsiNcmiError(f"{path}: CAMELYON-17 labels not found; pass the challenge's stage_labels.csv with --labels")
     slides: list[SlideRecord] = []
     patients: dict[str, str] = {}
+    seen: dict[str, str] = {}
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         if [c.strip().lower() for c in (reader.fieldnames or [])][:2] != ["patient", "stage"]:
@@ -63,6 +64,12 @@ def load_camelyon17(labels: str | Path, val_fraction: float = 0.1, split_seed: i
                 if stage.lower() not in CLASSES:
                     raise WsiNcmiError(f"{path}:{lineno}: slide label '{stage}' is not one of {', '.join(CLASSES)}")
                 pid = int(m.group(2))
+                if m.group(1) in seen:
+                    if seen[m.group(1)] != stage.lower():
+                        raise WsiNcmiError(f"{path}:{lineno}: {m.group(1)} is listed again with label '{stage}' "
+                                           f"(first '{seen[m.group(1)]}'); keep the one correct row")
+                    continue
+                seen[m.group(1)] = stage.lower()
                 slides.append(SlideRecord(m.group(1), CLASSES.index(stage.lower()), patient=f"patient_{pid:03d}",
                                           centre=pid // 20))
             elif _PATIENT.match(name):

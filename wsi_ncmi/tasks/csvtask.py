@@ -1,7 +1,9 @@
 """Any cohort from a CSV: ``slide_id,label`` plus optional ``split`` or ``fold`` and ``patient``.
 
-Labels may be names or integers (classes are sorted). With a ``split`` column (train/val/test) it is
-used as is; with a ``fold`` column, fold ``test_fold`` is the test set and a stratified
+Labels may be names or integers (classes are sorted). A ``patient`` column groups slides: every split
+drawn here keeps a patient's slides together, and a ``split`` column that puts one patient in two
+splits is an error naming the patient (``allow_patient_overlap`` proceeds, with a note). With a
+``split`` column (train/val/test) it is used as is; with a ``fold`` column, fold ``test_fold`` is the test set and a stratified
 ``val_fraction`` of the rest is validation; with neither, a stratified 70/15/15 split is drawn with
 ``split_seed`` (written into the run's config so it can be reproduced).
 """
@@ -12,10 +14,11 @@ import csv
 from pathlib import Path
 
 from wsi_ncmi.errors import WsiNcmiError
-from wsi_ncmi.tasks.base import SPLITS, SlideRecord, Task, stratified_val
+from wsi_ncmi.tasks.base import SPLITS, SlideRecord, Task, refuse_patient_overlap, stratified_val
 
 
-def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int = 0, test_fold: int = 0) -> Task:
+def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int = 0, test_fold: int = 0,
+                  allow_patient_overlap: bool = False) -> Task:
     path = Path(labels) if labels else None
     if path is None or not path.is_file():
         raise WsiNcmiError(f"{labels}: label CSV not found; task csv needs --labels FILE with columns slide_id,label")
@@ -24,9 +27,18 @@ def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int
         cols = set(reader.fieldnames or [])
         if not {"slide_id", "label"} <= cols:
             raise WsiNcmiError(f"{path}: needs columns slide_id,label (found {','.join(reader.fieldnames or []) or 'none'})")
-        rows = [{k: (v or "").strip() for k, v in r.items() if k} for r in reader]
+        raw_rows = [dict(r) for r in reader]
+        rows = [{k: (v or "").strip() for k, v in r.items() if k} for r in raw_rows]
     if not rows:
         raise WsiNcmiError(f"{path}: no rows")
+    spellings: dict[str, set[str]] = {}
+    for r in raw_rows:
+        v = r.get("label") or ""
+        spellings.setdefault(" ".join(v.split()).casefold(), set()).add(v)
+    clash = next((sorted(v) for v in spellings.values() if len(v) > 1), None)
+    if clash:
+        raise WsiNcmiError(f"{path}: labels {' and '.join(repr(v) for v in clash)} differ only by case or "
+                           "whitespace; write each class one way in the label column")
     raw = [r["label"] for r in rows]
     if any(not v for v in raw):
         raise WsiNcmiError(f"{path}: empty label on line {raw.index('') + 2}")
@@ -55,4 +67,5 @@ def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int
             if r.split == "val":
                 r.split = "test"
         stratified_val([r for r in records if r.split != "test"], 0.15 / 0.85, split_seed)
-    return Task("csv", classes, records, str(path)).check()
+    notes = refuse_patient_overlap(records, str(path), allow_patient_overlap)
+    return Task("csv", classes, records, str(path), notes=notes).check()

@@ -39,6 +39,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False           # replace a run of other settings in --out (train/runfolder.py)
     allow_missing: bool = False       # train without listed slides that have no features
+    allow_patient_overlap: bool = False   # proceed when the label file puts one patient in two splits
     val_fraction: float = 0.1
     split_seed: int = 0
     test_fold: int = 0

@@ -63,9 +63,61 @@ class BagStore:
         self.budget = ram_gb * 2**30
         self.cache: dict[str, np.ndarray] = {}
         self.used = 0
-        first = source.load(self.ids[0])
-        self.dim = first.shape[1]
-        self._keep(self.ids[0], first)
+        self.dim = -1
+        for sid in self.ids:            # the first readable bag sets a provisional dimension (check_all fixes it)
+            try:
+                first = source.load(sid)
+            except (WsiNcmiError, OSError, ValueError):
+                continue
+            if first.ndim == 2:
+                self.dim = first.shape[1]
+                self._keep(sid, first)
+                break
+
+    def check_all(self, progress: bool = True) -> None:
+        """Open every bag once before the first epoch; one error lists every bad file.
+
+        Checked: readable, has ``features``, the same dimension as the others, at least one patch,
+        all values finite. Without this a NaN or inf feature surfaced epochs later as a diverged
+        loss, with advice to lower the learning rate. Bags that fit ``ram_gb`` stay cached.
+        """
+        from tqdm.auto import tqdm
+
+        bad: list[tuple[str, str]] = []
+        dims: dict[str, int] = {}
+        for sid in tqdm(self.ids, desc="checking features", unit="slide", leave=False,
+                        disable=None if progress else True):
+            try:
+                arr = self.cache[sid] if sid in self.cache else self.source.load(sid)
+            except WsiNcmiError as exc:
+                bad.append((sid, str(exc).split(";")[0]))
+                continue
+            except (OSError, ValueError) as exc:           # e.g. a truncated file h5py opened
+                bad.append((sid, f"{self.source.where(sid)}: unreadable ({exc})"))
+                continue
+            if arr.ndim != 2 or len(arr) == 0:
+                bad.append((sid, f"{self.source.where(sid)}: no patches (shape {arr.shape})"))
+                continue
+            dims[sid] = arr.shape[1]
+            finite = np.isfinite(arr)
+            if not finite.all():
+                rows = int((~finite.all(1)).sum())
+                bad.append((sid, f"{self.source.where(sid)}: {rows} of {len(arr)} patches hold NaN or inf"))
+                continue
+            if sid not in self.cache and arr.shape[1] == self.dim:
+                self._keep(sid, arr)
+        if dims:       # the cohort's dimension is the most common one, not whichever file came first
+            self.dim = max(set(dims.values()), key=lambda d: (list(dims.values()).count(d), -d))
+            bad += [(sid, f"{self.source.where(sid)}: dimension {d}, not the cohort's {self.dim}")
+                    for sid, d in dims.items() if d != self.dim]
+            for sid in [s for s, d in dims.items() if d != self.dim and s in self.cache]:
+                self.used -= self.cache.pop(sid).nbytes
+        bad = [msg for sid in self.ids for s, msg in bad if s == sid]   # in cohort order
+        if bad:
+            shown = "; ".join(bad[:5]) + (f"; ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise WsiNcmiError(f"{len(bad)} of {len(self.ids)} feature files are unusable: {shown}. Re-extract "
+                               "them (wsi-ncmi extract reruns only the missing ones once they are deleted), or "
+                               "drop them from the label file")
 
     def _keep(self, sid: str, arr: np.ndarray) -> None:
         if self.used + arr.nbytes <= self.budget:

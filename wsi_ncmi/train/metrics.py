@@ -1,7 +1,9 @@
 """Classification metrics, as scikit-learn defines them.
 
 Macro-F1 is sklearn's ``average="macro"`` (several MIL papers report torchmetrics' default, which
-is micro-F1, i.e. accuracy). AUC is macro one-vs-rest over the classes present with both positives
+is micro-F1, i.e. accuracy), over the classes present in the labels or the predictions: a class with
+no slide in a split and never predicted there is left out rather than counted as F1 = 0 (the run
+warns when a split lacks a class; a class predicted but absent still counts, with F1 = 0). AUC is macro one-vs-rest over the classes present with both positives
 and negatives. Bootstrap CIs resample slides with replacement.
 """
 
@@ -33,7 +35,8 @@ def _metrics(y, pred, scores, num_classes: int) -> dict:
     labels = list(range(num_classes))
     return {
         "n": int(len(y)),
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=sorted(set(y.tolist()) | set(pred.tolist())),
+                                   zero_division=0)),
         "auc": macro_auc(y, scores),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "accuracy": float(accuracy_score(y, pred)),

@@ -20,7 +20,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from wsi_ncmi.distributed import finish, gather, start, world
 from wsi_ncmi.errors import WsiNcmiError
@@ -31,8 +30,8 @@ from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import BagStore, FeatureSource
 from wsi_ncmi.train.metrics import bootstrap_ci, mean_std, quadratic_kappa
 from wsi_ncmi.train.padding import padding_warning
-from wsi_ncmi.train.runfolder import (absolute_paths, load_run_config, open_run, refuse_while_training,
-                                      releases_run_lock)
+from wsi_ncmi.train.runfolder import (absolute_paths, load_run_config, open_run, refuse_changed_task,
+                                      refuse_while_training, releases_run_lock)
 from wsi_ncmi.train.trainer import Trainer
 
 REPORTED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ncmi")
@@ -40,7 +39,8 @@ REPORTED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ncmi")
 
 def prepare(cfg: TrainConfig) -> tuple[Task, BagStore, list[str]]:
     """Load the task and check every listed slide has features (or drop them if allowed)."""
-    task = load_task(cfg.task, cfg.labels, cfg.slides, cfg.val_fraction, cfg.split_seed, cfg.test_fold)
+    task = load_task(cfg.task, cfg.labels, cfg.slides, cfg.val_fraction, cfg.split_seed, cfg.test_fold,
+                     cfg.allow_patient_overlap)
     source = FeatureSource(cfg.features)
     missing = [s.slide_id for s in task.slides if not source.has(s.slide_id)]
     if missing:
@@ -53,7 +53,11 @@ def prepare(cfg: TrainConfig) -> tuple[Task, BagStore, list[str]]:
         task.notes.append(f"trained without {len(missing)} slides that have no features: {', '.join(missing)}")
         print(f"warning: {task.notes[-1]}")
         task.check()
+    for note in task.warnings():
+        task.notes.append(note)
+        print(f"warning: {note}")
     store = BagStore(source, [s.slide_id for s in task.slides], cfg.ram_gb)
+    store.check_all(cfg.progress)
     return task, store, missing
 
 
@@ -206,7 +210,9 @@ def run_evaluation(run: str | Path, features: str | None = None, labels: str | N
     run = Path(run)
     cfg = load_run_config(run, features=features, labels=labels, slides=slides)
     refuse_while_training(run, "evaluate")
+    cfg = replace(cfg, allow_patient_overlap=True)   # scoring a trained model: overlap was settled at training
     task, store, _ = prepare(cfg)
+    refuse_changed_task(run, cfg, task)
     out = run / "evaluate"
     per_seed = []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):

@@ -130,8 +130,7 @@ def features_fingerprint(source, slide_ids: list[str]) -> str:
 def identity(cfg, task, store) -> dict:
     ident = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY}
     ident["labels_sha256"] = file_sha256(cfg.labels) if cfg.labels else None
-    ident["task_sha256"] = hashlib.sha256(json.dumps(
-        [task.name, task.classes, [[s.slide_id, s.label, s.split] for s in task.slides]]).encode()).hexdigest()[:20]
+    ident["task_sha256"] = identity_task_digest(task)
     ident["features_fingerprint"] = features_fingerprint(store.source, [s.slide_id for s in task.slides])
     return ident
 
@@ -151,6 +150,26 @@ def differences(old: dict, new: dict, defaults: dict) -> list[str]:
     return out
 
 
+def refuse_changed_task(run: Path, cfg, task) -> None:
+    """``evaluate`` scores the splits the run was trained on, or refuses: a label file edited since,
+    or splits drawn differently (a newer wsi-ncmi draws whole patients), would put training slides
+    in val or test without a word. Runs from before run.json carry no digest: a note says so."""
+    ident = read_identity(run)
+    if not ident or not ident.get("task_sha256"):
+        print(f"note: {run} predates run records; its val/test slides cannot be checked against those it was "
+              "trained on (splits drawn by the task may differ between versions)")
+        return
+    if identity_task_digest(task) != ident["task_sha256"]:
+        raise WsiNcmiError(f"{run}: the slides, labels or splits of {cfg.labels or cfg.slides} differ from those "
+                           f"this run was trained on (recorded in {run / RUN_FILE}); pass --labels with the label "
+                           "file of the training, or train again")
+
+
+def identity_task_digest(task) -> str:
+    return hashlib.sha256(json.dumps(
+        [task.name, task.classes, [[s.slide_id, s.label, s.split] for s in task.slides]]).encode()).hexdigest()[:20]
+
+
 def read_identity(run: Path) -> dict | None:
     f = Path(run) / RUN_FILE
     if not f.is_file():
@@ -159,6 +178,20 @@ def read_identity(run: Path) -> dict | None:
         return json.loads(f.read_text())["identity"]
     except (ValueError, KeyError, TypeError, OSError):
         raise WsiNcmiError(f"{f}: damaged run record; pass --overwrite to train the run again from scratch") from None
+
+
+def _is_legacy_run(out: Path) -> bool:
+    """A run folder from before run.json: config.yaml with a ``train:`` section and a seed folder.
+    Anything less is not ours, and is never written into or cleaned up."""
+    import yaml
+
+    if not (out / "config.yaml").is_file() or not any(d.is_dir() for d in out.glob("seed_*")):
+        return False
+    try:
+        data = yaml.safe_load((out / "config.yaml").read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("train"), dict)
 
 
 def _legacy_identity(out: Path) -> dict:
@@ -290,6 +323,8 @@ def open_run(cfg, task, store, world=None) -> None:
             _open_run(cfg, task, store)
         except WsiNcmiError as exc:
             error = str(exc)
+        except Exception as exc:          # never leave the other ranks waiting on a rank that died
+            error = f"{cfg.out}: cannot open the run folder ({type(exc).__name__}: {exc})"
     error = gather(world, error)[0]
     if error is not None:
         raise WsiNcmiError(error)
@@ -313,7 +348,7 @@ def _open_run(cfg, task, store) -> None:
     new = identity(cfg, task, store)
     entries = [p.name for p in out.iterdir() if p.name != f"{LOCK_NAME}.lock"]
     record: dict = {}
-    if (out / RUN_FILE).is_file() or (out / "config.yaml").is_file():
+    if (out / RUN_FILE).is_file() or _is_legacy_run(out):
         old = read_identity(out) if (out / RUN_FILE).is_file() else _legacy_identity(out)
         if (out / RUN_FILE).is_file():
             record = json.loads((out / RUN_FILE).read_text())

@@ -97,7 +97,7 @@ class Trainer:
         self.device, self.precision = resolve_train_device(cfg)
         out.mkdir(parents=True, exist_ok=True)
         self.train_set = task.split("train")
-        self.val_set = task.split("val") or self.train_set
+        self.val_set = task.split("val")          # Task.check() refuses a task without one
         seed_everything(seed, cfg.deterministic)
         C = task.num_classes
         self.model = create_mil_model(cfg.model, store.dim, C, dropout=cfg.dropout).to(self.device)
@@ -167,8 +167,8 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise WsiNcmiError(
                     f"{self.out}: training diverged at epoch {epoch + 1} on slide {recs[0].slide_id} (loss {float(loss.detach())}); "
-                    f"lower --lr (now {self.cfg.lr}) or use --precision fp32, then rerun with --resume to continue "
-                    "from the last good epoch")
+                    f"rerun with a lower --lr (now {self.cfg.lr}) or --precision fp32, into a new --out or with "
+                    "--overwrite (a changed setting cannot --resume this run)")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.ddp:
