@@ -351,3 +351,14 @@ def test_padding_that_multiplies_memory_is_warned_about(tmp_path):
     assert note and "huge has 4,000 patches" in note and "--batch-size 1" in note and "--max-patches" in note
     assert padding_warning(TrainConfig(**dict(cfg.to_dict(), batch_size=1)), task, store) is None
     assert padding_warning(TrainConfig(**dict(cfg.to_dict(), max_patches=20)), task, store) is None
+
+
+def test_packing_the_features_keeps_the_run_resumable(cohort, tmp_path):
+    c = tmp_path / "c"
+    shutil.copytree(cohort, c, ignore=shutil.ignore_patterns("run", "slides", "other"))
+    rc, _, err = cli(*_train_args(c, tmp_path / "run", "--epochs", "1"))
+    assert rc == 0, err
+    pack_features(str(c / "features"))                  # the same features, now read from cohort.zarr
+    assert FeatureSource(c / "features").kind == "zarr"
+    rc, out, err = cli(*_train_args(c, tmp_path / "run", "--epochs", "2", "--resume"))
+    assert rc == 0 and "resuming with epochs 1 -> 2" in out, err

@@ -116,15 +116,17 @@ def file_sha256(path: str | Path) -> str | None:
 
 
 def features_fingerprint(source, slide_ids: list[str]) -> str:
-    """Cheap: name, size and mtime of each slide's .h5 (or the zarr cache's record of them)."""
+    """Cheap: name, size and mtime of each slide's .h5, read from the files or from the zarr cache's
+    record of them. The same rows either way, so packing the features between training and
+    ``--resume`` (or a cache going stale) does not change the run's identity."""
     rows = []
     for sid in sorted(slide_ids):
         if source.cohort is not None:
-            rows.append([sid, source.cohort.sources.get(sid), source.cohort.length(sid)])
+            rows.append([sid, *list(source.cohort.sources.get(sid) or [None, None])])
         else:
             st = (source.root / f"{sid}.h5").stat()
             rows.append([sid, st.st_size, st.st_mtime])
-    return source.kind + ":" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:20]
 
 
 def identity(cfg, task, store) -> dict:
