@@ -161,7 +161,7 @@ def test_feature_dimension_mismatch_fails_fast(cohort, tmp_path):
     w.commit()
     cfg = _cfg(cohort, tmp_path / "r", epochs=1)
     cfg.features = str(feats)
-    with pytest.raises(WsiNcmiError, match=r"bag_0005.h5: features of dimension 7, but .* has 16"):
+    with pytest.raises(WsiNcmiError, match=r"1 of 64 feature files are unusable: .*bag_0005.h5: dimension 7, not the cohort.s 16"):
         _quiet(run_training, cfg)
 
 
