@@ -4,8 +4,8 @@ Labels may be names or integers (classes are sorted). A ``patient`` column group
 drawn here keeps a patient's slides together, and a ``split`` column that puts one patient in two
 splits is an error naming the patient (``allow_patient_overlap`` proceeds, with a note). With a
 ``split`` column (train/val/test) it is used as is; with a ``fold`` column, fold ``test_fold`` is the
-test set and a stratified ``val_fraction`` of the rest is validation; with neither, a stratified 70/15/15 split is drawn with
-``split_seed`` (written into the run's config so it can be reproduced).
+test set and a stratified ``val_fraction`` of the rest is validation; with neither, a stratified
+70/15/15 split is drawn with ``split_seed`` (written into the run's config so it can be reproduced).
 """
 
 from __future__ import annotations
