@@ -55,10 +55,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _save_atomic(obj, path: Path) -> None:
-    save_checkpoint(obj, path)   # atomic, with a checksum (wsi_ncmi.train.checkpoint)
-
-
 def _rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -258,11 +254,11 @@ class Trainer:
             if improved:
                 self.best = {"epoch": epoch, "value": value}
                 if self.is_main:
-                    _save_atomic({"model": self.model.state_dict(), "objective": self.objective.state_dict(),
+                    save_checkpoint({"model": self.model.state_dict(), "objective": self.objective.state_dict(),
                                   "epoch": epoch, "config": self.cfg.to_dict(), "seed": self.seed}, self.out / "best.pt")
             if not self.is_main:
                 continue
-            _save_atomic(self._state(epoch), self.out / "last.pt")
+            save_checkpoint(self._state(epoch), self.out / "last.pt")
             print(f"seed {self.seed} epoch {epoch + 1:3d}  loss {train_loss:.4f}  val macro-F1 {val['macro_f1']:.3f} "
                   f"AUC {val['auc']:.3f}  NCMI {val['ncmi']:.3f}{'  *' if improved else ''}", flush=True)
         if self.ddp:
