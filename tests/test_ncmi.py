@@ -48,7 +48,7 @@ def test_alternating_steps_move_only_their_own_parameters():
     net.zero_grad()
     loss_fn(p, y, "centroid").backward()
     assert loss_fn.centroid_logits.grad.abs().sum() > 0 and net.weight.grad is None
-    assert not NCMILoss(3, centroids="fixed").centroid_logits.requires_grad
+    assert not NCMILoss(3, space="logit", centroids="fixed").centroid_logits.requires_grad
 
 
 def test_centroids_start_one_hot_ish():
@@ -68,19 +68,37 @@ def test_class_mean_minimises_concentration():
         assert conc(other) > best
 
 
-def test_embedding_space_centres_with_an_ema_in_training_only():
+def test_embedding_space_centre_is_a_bias_corrected_ema_in_training_only():
     l = NCMILoss(3, embed_dim=6, space="embedding", ema_decay=0.5)
     z = torch.ones(4, 6)
     l.train()
     l.distribution(None, z)
-    assert torch.allclose(l.centre, torch.ones(6))
+    assert torch.allclose(l.centre, torch.ones(6))              # no pull towards the zero initial value
     l.distribution(None, 3 * z)
-    assert torch.allclose(l.centre, 2 * torch.ones(6))
+    assert torch.allclose(l.centre, (0.5 * 1 + 3) / 1.5 * torch.ones(6))
     l.eval()
     l.distribution(None, 10 * z)
-    assert torch.allclose(l.centre, 2 * torch.ones(6))
+    assert torch.allclose(l.centre, 7 / 3 * torch.ones(6))
     with pytest.raises(ValueError):
         NCMILoss(8, embed_dim=4, space="embedding")
+
+
+def test_centre_window_is_one_epoch_and_forgets_the_first_bag():
+    l = NCMILoss(3, embed_dim=6, space="embedding")
+    l.set_centre_window(240)                                    # 240 one-bag steps per epoch
+    l.train()
+    l.distribution(None, 100 * torch.ones(1, 6))                # an outlying first bag
+    for _ in range(5 * 240):                                    # five epochs of bags at 0
+        l.distribution(None, torch.zeros(1, 6))
+    assert float(l.centre.abs().max()) < 100 * 0.01             # weighs < 1% (decay 0.9999: 89%)
+
+
+def test_legacy_centre_buffers_load():
+    l = NCMILoss(3, embed_dim=6, space="embedding")
+    st = {k: v for k, v in l.state_dict().items() if not k.startswith("centre_")}
+    st.update(centre=2 * torch.ones(6), centre_ready=torch.tensor(True))
+    l.load_state_dict(st)
+    assert torch.allclose(l.centre, 2 * torch.ones(6))
 
 
 def test_ncmi_value_is_small_for_concentrated_separated_outputs():
@@ -100,7 +118,7 @@ def test_temperature_fit_recovers_the_generating_temperature():
 def test_objective_ce_plus_ncmi_adds_the_terms():
     torch.manual_seed(0)
     logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
-    both = create_objective("ce+ncmi", 3, 8, ncmi_weight=0.5)
+    both = create_objective("ce+ncmi", 3, 8, ncmi_weight=0.5, ncmi_space="logit")
     ce = torch.nn.functional.cross_entropy(logits, y)
     u = logits / logits.norm(dim=1, keepdim=True) / 0.3     # logit space: normalised logits / T
     n = ncmi_ratio(nsf(u), both.ncmi.centroids(), y)

@@ -133,13 +133,16 @@ _TRAIN_FLAGS = [
     ("seeds", int, "number of seeds to train (default 1)"),
     ("seed", int, "first seed (default 0)"),
     ("epochs", int, "maximum epochs (default 40)"),
-    ("lr", float, "AdamW learning rate (default 2e-4)"),
+    ("lr", str, "AdamW learning rate, or auto: a small grid per loss (1e-4, 3e-4, 1e-3, 3e-3), trained on the first "
+                "seed and chosen on validation, recorded in lr_search.json (default 1e-3)"),
     ("weight_decay", float, "AdamW weight decay (default 1e-4)"),
     ("centroid_lr", float, "centroid-step learning rate for ncmi and cmi_ce (default 1e-2)"),
     ("batch_size", int, "bags per step, padded with masks (default 1)"),
     ("max_patches", int, "randomly sub-sample training bags to this many patches (default 0 = all)"),
     ("patience", int, "early-stopping patience in epochs (default 10)"),
-    ("select_metric", str, "validation metric for model selection (default macro_f1)"),
+    ("min_epochs", int, "early stopping never fires before this many epochs (default 10)"),
+    ("select_metric", str, "validation criterion for model selection and early stopping: loss (validation NLL, "
+                           "tie-break macro-F1), auc, macro_f1, balanced_accuracy, accuracy (default loss)"),
     ("clip", float, "gradient-norm clipping (default 1.0, 0 = off)"),
     ("dropout", float, "dropout in the aggregator (default 0.25)"),
     ("device", str, "auto, cpu, cuda, cuda:1 (default auto)"),
@@ -147,7 +150,8 @@ _TRAIN_FLAGS = [
     ("val_fraction", float, "validation fraction where the task draws one: whole patients, stratified (default 0.1)"),
     ("split_seed", int, "seed of that validation draw (default 0)"),
     ("test_fold", int, "for CSVs with a fold column: the test fold (default 0)"),
-    ("ncmi_space", str, "where NCMI's P lives: logit (default) or embedding"),
+    ("ncmi_space", str, "where NCMI's P lives: embedding (the method's: the centred penultimate embedding; "
+                        "default) or logit"),
     ("ncmi_centroids", str, "alternating (default) or fixed centroids"),
     ("ncmi_temperature", float, "NSF temperature T in both spaces (default 0.3)"),
     ("ncmi_weight", float, "weight of the NCMI term in ce+ncmi (default 1.0)"),

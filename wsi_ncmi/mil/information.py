@@ -14,6 +14,11 @@ two estimators of i(patch; c):
   above ``max_evals`` patches, spatially adjacent patches are removed together in blocks and each
   patch gets its block's value.
 
+Priors are counted once for every loss: a score that holds the class prior (a posterior: CE, focal,
+NCMI's Bayes score...) gives i = log s(c | .) - log pi_c; a prior-free one (PC-softmax, weighted CE)
+is first turned into the posterior pi_c s_c / sum_k pi_k s_k (``train.scoring.log_posterior``). Then
+sum_c pi_c exp i(x; c) = 1 for every patch, whatever the loss (tested per loss).
+
 The map drawn for a class is infoCAM's contrast, i(x; c) - mean_{k != c} i(x; k): high where the
 patch speaks for the class and against the others.
 """
@@ -50,20 +55,32 @@ def removal_groups(coords: np.ndarray | None, n: int, max_evals: int) -> np.ndar
 
 @torch.no_grad()
 def instance_information(model: MILModel, log_scores: LogScores, x: torch.Tensor, priors: torch.Tensor,
-                         chunk: int = 4096) -> np.ndarray:
-    """(N, C) i(x; c) = log s(c | {x}) - log pi_c, each patch scored as a one-patch bag."""
+                         chunk: int = 4096, includes_prior: bool = True) -> np.ndarray:
+    """(N, C) i(x; c) = log p(c | {x}) - log pi_c, each patch scored as a one-patch bag."""
+    from wsi_ncmi.train.scoring import log_posterior
+
     model.eval()
-    rows = [log_scores(model(x[i:i + chunk, None, :])).float().cpu() for i in range(0, x.shape[0], chunk)]
-    return (torch.cat(rows) - priors.float().log()[None]).numpy()
+    log_prior = priors.double().log()
+    rows = [log_posterior(log_scores(model(x[i:i + chunk, None, :])).double().cpu(), log_prior, includes_prior)
+            for i in range(0, x.shape[0], chunk)]
+    return (torch.cat(rows) - log_prior[None]).numpy()
 
 
 @torch.no_grad()
 def removal_information(model: MILModel, log_scores: LogScores, x: torch.Tensor, coords: np.ndarray | None = None,
-                        max_evals: int = 2048, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """((N, C) i(x; c) = log s(c | bag) - log s(c | bag without x), group id per patch)."""
+                        max_evals: int = 2048, chunk: int | None = None, priors: torch.Tensor | None = None,
+                        includes_prior: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """((N, C) i(x; c) = log p(c | bag) - log p(c | bag without x), group id per patch)."""
+    from wsi_ncmi.train.scoring import log_posterior
+
     model.eval()
     n = x.shape[0]
-    full = log_scores(model(x[None]))[0]
+    if not includes_prior and priors is None:
+        raise ValueError("prior-free scores need the class priors to become posteriors")
+    log_prior = priors.double().log() if priors is not None else None
+    post = (lambda ls: log_posterior(ls.double().cpu(), log_prior, False)) if not includes_prior else \
+        (lambda ls: ls.double().cpu())
+    full = post(log_scores(model(x[None])))[0]
     groups = removal_groups(coords, n, max_evals)
     ng = int(groups.max()) + 1
     members = torch.from_numpy(groups)
@@ -75,7 +92,7 @@ def removal_information(model: MILModel, log_scores: LogScores, x: torch.Tensor,
         ids = torch.arange(start, min(start + chunk, ng))
         mask = members[None, :] != ids[:, None]                     # (B, N): False where removed
         out = model(x[None].expand(len(ids), -1, -1), mask)
-        pmi_g[ids] = (full[None] - log_scores(out)).float().cpu()
+        pmi_g[ids] = (full[None] - post(log_scores(out))).float()
     return pmi_g[members].numpy(), groups
 
 

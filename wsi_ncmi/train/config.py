@@ -12,6 +12,19 @@ from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.settings import merge_settings
 
 
+def parse_lr(value) -> float | str:
+    """A learning rate: a positive number, or ``auto`` (chosen per loss on validation)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        lr = float(value)
+    except (TypeError, ValueError):
+        raise WsiNcmiError(f"--lr {value}: give a number such as 1e-3, or auto") from None
+    if not lr > 0 or lr != lr or lr == float("inf"):
+        raise WsiNcmiError(f"--lr {value}: must be a positive number (or auto)")
+    return lr
+
+
 @dataclass
 class TrainConfig:
     task: str = "csv"                 # camelyon17, bracs, bracs3, csv
@@ -24,13 +37,14 @@ class TrainConfig:
     seeds: int = 1                    # number of seeds, starting at ``seed``
     seed: int = 0
     epochs: int = 40
-    lr: float = 2e-4
+    lr: float | str = 1e-3            # or "auto": a grid per loss, chosen on validation (train/lr_search.py)
     weight_decay: float = 1e-4
     centroid_lr: float = 1e-2         # NCMI centroid step (Adam)
     batch_size: int = 1               # bags per step (padded with masks when > 1)
     max_patches: int = 0              # random sub-sample of each training bag (0 = all)
-    patience: int = 10                # early stopping on the validation metric
-    select_metric: str = "macro_f1"
+    patience: int = 10                # early stopping on the validation criterion...
+    min_epochs: int = 10              # ...which cannot fire before this many epochs
+    select_metric: str = "loss"       # loss (validation NLL), auc, macro_f1, balanced_accuracy, accuracy
     clip: float = 1.0
     dropout: float = 0.25
     device: str = "auto"
@@ -43,7 +57,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     test_fold: int = 0
-    ncmi_space: str = "logit"         # logit or embedding
+    ncmi_space: str = "embedding"     # embedding (the method's) or logit
     ncmi_centroids: str = "alternating"
     ncmi_temperature: float | None = None
     ncmi_weight: float = 1.0          # for ce+ncmi
@@ -69,11 +83,15 @@ class TrainConfig:
             raise WsiNcmiError(f"--ncmi-space {self.ncmi_space}: choose logit or embedding")
         if self.ncmi_centroids not in ("alternating", "fixed"):
             raise WsiNcmiError(f"--ncmi-centroids {self.ncmi_centroids}: choose alternating or fixed")
-        if self.select_metric not in ("macro_f1", "auc", "balanced_accuracy", "accuracy"):
-            raise WsiNcmiError(f"--select-metric {self.select_metric}: choose macro_f1, auc, balanced_accuracy, accuracy")
+        if self.select_metric not in ("loss", "macro_f1", "auc", "balanced_accuracy", "accuracy"):
+            raise WsiNcmiError(f"--select-metric {self.select_metric}: choose loss, macro_f1, auc, balanced_accuracy, "
+                               "accuracy")
+        self.lr = parse_lr(self.lr)
         for name in ("epochs", "seeds", "batch_size"):
             if getattr(self, name) < 1:
                 raise WsiNcmiError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.min_epochs < 0 or self.patience < 0:
+            raise WsiNcmiError("--min-epochs and --patience must be >= 0")
         for name in ("mi_weight", "mi_window", "cmi_lambda", "cmi_beta", "ncmi_weight"):
             if getattr(self, name) < 0:
                 raise WsiNcmiError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")

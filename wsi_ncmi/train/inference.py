@@ -1,9 +1,10 @@
 """A trained run's model, loaded for scoring single slides (heatmaps, information maps).
 
 ``load_run_model`` rebuilds the aggregator and its objective from ``config.yaml`` and
-``seed_<s>/best.pt`` and the scoring rule from ``seed_<s>/scoring.pt`` (written at the end of
-training): softmax of the logits for every loss except NCMI, whose class scores are
-softmax(-KL(P || Qbar_k) / tau) with the training class means Qbar and tau fit on validation.
+``seed_<s>/best.pt`` and the scoring rule (``train/scoring.py``) from ``seed_<s>/scoring.pt``,
+written at the end of training: softmax of the logits for every loss except NCMI, whose class
+scores are its Bayes centroid scores with the training class means and the temperature fit on
+validation.
 """
 
 from __future__ import annotations
@@ -15,17 +16,12 @@ from pathlib import Path
 import torch
 
 from wsi_ncmi.errors import WsiNcmiError
-from wsi_ncmi.losses import Objective, create_objective, kl_matrix
+from wsi_ncmi.losses import Objective, create_objective
 from wsi_ncmi.losses.pc_softmax import class_priors
 from wsi_ncmi.mil.models.base import MILModel, MILOutput
 from wsi_ncmi.train.checkpoint import load_checkpoint, load_state
 from wsi_ncmi.train.config import TrainConfig
-
-
-def centroid_scores(p: torch.Tensor, qbar: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log class scores log softmax(-KL(p || qbar_k) / tau), the KL matrix) for NCMI models."""
-    d = kl_matrix(p, qbar)
-    return torch.log_softmax(-d / tau, dim=1), d
+from wsi_ncmi.train.scoring import PRIOR_FREE_LOSSES, Scorer
 
 
 @dataclass
@@ -35,15 +31,18 @@ class RunModel:
     model: MILModel
     objective: Objective
     priors: torch.Tensor          # training-split class frequencies
-    qbar: torch.Tensor | None = None
-    tau: float = 1.0
+    scorer: Scorer
+
+    @property
+    def includes_prior(self) -> bool:
+        """Whether the class scores hold the training prior (see ``train/scoring.py``)."""
+        return self.scorer.includes_prior
 
     def log_scores(self, out: MILOutput) -> torch.Tensor:
-        """(B, C) log class scores of a forward pass, by the run's own scoring rule."""
-        if self.qbar is None:
-            return torch.log_softmax(out.logits.float(), dim=1)
-        p = self.objective.distribution(out.logits.float(), out.embedding.float())
-        return centroid_scores(p, self.qbar, self.tau)[0]
+        """(B, C) float64 log class scores of a forward pass, by the run's own scoring rule."""
+        p = self.objective.distribution(out.logits.float(), out.embedding.float()) \
+            if self.scorer.kind == "centroid" else None
+        return self.scorer.log_scores(out.logits.float(), p)
 
 
 def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
@@ -70,11 +69,12 @@ def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
     load_state(objective, st["objective"], ckpt)
     model.eval()
     objective.eval()
-    rm = RunModel(cfg, classes, model, objective, class_priors(agg["counts"]["train"], C, counts=True))
-    if objective.predicts_by_centroid:
-        sc = run / f"seed_{seed}" / "scoring.pt"
-        if not sc.is_file():
-            raise WsiNcmiError(f"{sc}: missing; rerun `wsi-ncmi evaluate {run}` to write it")
-        s = load_checkpoint(sc)
-        rm.qbar, rm.tau = s["qbar"], float(s["tau"])
-    return rm
+    priors = class_priors(agg["counts"]["train"], C, counts=True)
+    sc = run / f"seed_{seed}" / "scoring.pt"
+    if sc.is_file():
+        scorer = Scorer.from_state(load_checkpoint(sc))
+    elif objective.predicts_by_centroid:
+        raise WsiNcmiError(f"{sc}: missing; rerun `wsi-ncmi evaluate {run}` to write it")
+    else:                           # softmax runs written before scoring.pt was saved for every loss
+        scorer = Scorer("softmax", includes_prior=cfg.loss not in PRIOR_FREE_LOSSES)
+    return RunModel(cfg, classes, model, objective, priors, scorer)

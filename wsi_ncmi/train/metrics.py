@@ -4,7 +4,11 @@ Macro-F1 is sklearn's ``average="macro"`` (several MIL papers report torchmetric
 is micro-F1, i.e. accuracy), over the classes present in the labels or the predictions: a class with
 no slide in a split and never predicted there is left out rather than counted as F1 = 0 (the run
 warns when a split lacks a class; a class predicted but absent still counts, with F1 = 0). AUC is macro one-vs-rest over the classes present with both positives
-and negatives. Bootstrap CIs resample slides with replacement.
+and negatives, ranked on float64 log scores where the caller has them (a probability that exp()
+saturated to 0 or 1 ties slides the log score still orders). Calibration: ECE (15 equal-width bins
+of top-label confidence, Guo et al. 2017, arXiv:1706.04599), the multi-class Brier score (mean over
+slides of sum_k (p_k - 1[y = k])^2; 0 perfect, 2 worst) and the NLL of the true class. Bootstrap
+CIs resample slides with replacement.
 """
 
 from __future__ import annotations
@@ -24,36 +28,58 @@ def macro_auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def classification_metrics(y, pred, scores, num_classes: int) -> dict:
-    """Small splits and bootstrap resamples can miss a class; sklearn's warnings about that are muted."""
+def calibration(y: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
+    """ECE (top-label, equal-width bins) and multi-class Brier score of class probabilities."""
+    conf, top = probs.max(1), probs.argmax(1)
+    correct = (top == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = sum(abs(correct[idx == b].mean() - conf[idx == b].mean()) * (idx == b).mean()
+              for b in range(bins) if (idx == b).any())
+    onehot = np.eye(probs.shape[1])[y]
+    return {"ece": float(ece), "brier": float(((probs - onehot) ** 2).sum(1).mean())}
+
+
+def classification_metrics(y, pred, scores, num_classes: int, log_scores=None) -> dict:
+    """``scores``: class probabilities; ``log_scores`` (optional, float64): their logs, used to rank (AUC)
+    and for the NLL. Small splits and bootstrap resamples can miss a class; sklearn's warnings about
+    that are muted."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _metrics(np.asarray(y), np.asarray(pred), np.asarray(scores, dtype=np.float64), num_classes)
+        logs = None if log_scores is None else np.asarray(log_scores, dtype=np.float64)
+        return _metrics(np.asarray(y), np.asarray(pred), np.asarray(scores, dtype=np.float64), num_classes, logs)
 
 
-def _metrics(y, pred, scores, num_classes: int) -> dict:
+def _metrics(y, pred, scores, num_classes: int, logs=None) -> dict:
     labels = list(range(num_classes))
+    rank = logs if logs is not None else scores
+    nll = -logs[np.arange(len(y)), y] if logs is not None else -np.log(np.clip(scores[np.arange(len(y)), y], 1e-300, None))
     return {
         "n": int(len(y)),
         "macro_f1": float(f1_score(y, pred, average="macro", labels=sorted(set(y.tolist()) | set(pred.tolist())),
                                    zero_division=0)),
-        "auc": macro_auc(y, scores),
+        "auc": macro_auc(y, rank),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "accuracy": float(accuracy_score(y, pred)),
         "per_class_f1": [float(v) for v in f1_score(y, pred, average=None, labels=labels, zero_division=0)],
         "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
+        **calibration(y, scores),
+        "nll": float(nll.mean()) if len(y) else float("nan"),
     }
 
 
-def bootstrap_ci(y, pred, scores, num_classes: int, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+def bootstrap_ci(y, pred, scores, num_classes: int, n: int = 1000, seed: int = 0, alpha: float = 0.05,
+                 log_scores=None) -> dict:
     """Percentile bootstrap (1 - alpha) intervals for macro-F1, AUC, balanced accuracy and accuracy."""
     y, pred, scores = np.asarray(y), np.asarray(pred), np.asarray(scores)
+    logs = None if log_scores is None else np.asarray(log_scores, dtype=np.float64)
     rng = np.random.default_rng(seed)
     keys = ("macro_f1", "auc", "balanced_accuracy", "accuracy")
     draws = {k: [] for k in keys}
     for _ in range(n):
         idx = rng.integers(0, len(y), len(y))
-        m = classification_metrics(y[idx], pred[idx], scores[idx], num_classes)
+        m = classification_metrics(y[idx], pred[idx], scores[idx], num_classes,
+                                   None if logs is None else logs[idx])
         for k in keys:
             if np.isfinite(m[k]):
                 draws[k].append(m[k])

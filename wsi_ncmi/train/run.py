@@ -28,13 +28,14 @@ from wsi_ncmi.tasks.base import Task
 from wsi_ncmi.train.checkpoint import save_checkpoint
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import BagStore, FeatureSource
+from wsi_ncmi.train.lr_search import adopt_trial, choose_lr, recorded_lr
 from wsi_ncmi.train.metrics import bootstrap_ci, mean_std, quadratic_kappa
 from wsi_ncmi.train.padding import padding_warning
 from wsi_ncmi.train.runfolder import (absolute_paths, load_run_config, open_run, refuse_changed_task,
                                       refuse_while_training, releases_run_lock)
 from wsi_ncmi.train.trainer import Trainer
 
-REPORTED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ncmi")
+REPORTED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ece", "brier", "ncmi")
 
 
 def prepare(cfg: TrainConfig) -> tuple[Task, BagStore, list[str]]:
@@ -66,7 +67,7 @@ def _write_predictions(path: Path, o: dict, classes: list[str]) -> None:
         w = csv.writer(fh)
         w.writerow(["slide_id", "label", "pred"] + [f"p_{k}" for k in range(len(classes))] + ["attention_entropy"])
         for i, sid in enumerate(o["ids"]):
-            w.writerow([sid, int(o["y"][i]), int(o["pred"][i])] + [f"{float(v):.6f}" for v in o["scores"][i]]
+            w.writerow([sid, int(o["y"][i]), int(o["pred"][i])] + [f"{float(v):.9g}" for v in o["scores"][i]]
                        + [f"{o['entropy'][i]:.4f}"])
 
 
@@ -100,13 +101,14 @@ def write_seed_outputs(trainer: Trainer, scores: dict[str, dict], out: Path) -> 
     for sp, o in scores.items():
         _write_predictions(out / f"predictions_{sp}.csv", o, task.classes)
         metrics[sp] = o["metrics"]
-        if "tau" in o:
-            metrics[sp]["score_temperature"] = o["tau"]
-            save_checkpoint({"qbar": o["qbar"], "tau": o["tau"]}, out / "scoring.pt")   # for single-slide scoring
+        if o["scorer"].kind == "centroid":
+            metrics[sp]["score_temperature"] = o["scorer"].tau
+    save_checkpoint(next(iter(scores.values()))["scorer"].state(), out / "scoring.pt")   # single-slide scoring
     if "test" in scores:
         t = scores["test"]
         metrics["test"]["ci95"] = bootstrap_ci(t["y"].numpy(), t["pred"].numpy(), t["scores"].numpy(),
-                                               task.num_classes, n=cfg.bootstrap, seed=trainer.seed)
+                                               task.num_classes, n=cfg.bootstrap, seed=trainer.seed,
+                                               log_scores=t["log_scores"].numpy())
         pk = _patient_kappa(task, t)
         if pk:
             metrics["test"]["patient_pn"] = pk
@@ -127,12 +129,13 @@ def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> 
                  "classes": task.classes, "counts": task.counts(), "notes": task.notes}
     for sp in ("val", "test"):
         if all(sp in m for m in per_seed):
-            agg[sp] = {k: dict(zip(("mean", "std"), mean_std([m[sp][k] for m in per_seed]))) for k in REPORTED}
+            agg[sp] = {k: dict(zip(("mean", "std"), mean_std([m[sp].get(k) for m in per_seed]))) for k in REPORTED}
             if all("patient_pn" in m[sp] for m in per_seed):
                 agg[sp]["patient_qwk"] = dict(zip(("mean", "std"), mean_std([m[sp]["patient_pn"]["qwk"] for m in per_seed])))
     (out / "metrics.json").write_text(json.dumps(agg, indent=2))
     lines = [f"# {task.name}: {cfg.model} trained with {cfg.loss} ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})", "",
-             "| split | macro-F1 | AUC | balanced acc. | accuracy | NCMI |", "|---|---|---|---|---|---|"]
+             "| split | macro-F1 | AUC | balanced acc. | accuracy | ECE | Brier | NCMI |",
+             "|---|---|---|---|---|---|---|---|"]
     for sp in ("val", "test"):
         if sp in agg:
             cells = [f"{agg[sp][k]['mean']:.3f} ± {agg[sp][k]['std']:.3f}" for k in REPORTED]
@@ -179,6 +182,13 @@ def run_training(cfg: TrainConfig) -> dict:
         print(f"{task.name}: {len(task.slides)} slides, classes {task.classes}, train/val/test "
               f"{len(task.split('train'))}/{len(task.split('val'))}/{len(task.split('test'))}; features "
               f"{store.source.kind} ({store.dim}-d){mode}", flush=True)
+    lr = None
+    if cfg.lr == "auto":             # seeds in parallel: rank 0 searches while the others wait
+        if ddp or w.is_main:
+            lr = choose_lr(cfg, task, store, out, ddp, w.is_main)
+        if w.distributed:
+            gather(w, None)
+            lr = recorded_lr(cfg, out)
     mine = seeds if ddp or not w.distributed else w.share(seeds)
     if w.distributed and not ddp and not mine:
         print(f"rank {w.rank}: no seed left for this rank ({len(seeds)} seeds over {w.size} ranks)", flush=True)
@@ -189,7 +199,11 @@ def run_training(cfg: TrainConfig) -> dict:
             per_seed.append(json.loads((sdir / "metrics.json").read_text()))
             print(f"seed {seed}: already finished, kept")
             continue
-        trainer = Trainer(cfg, task, store, seed, sdir, ddp)
+        scfg = cfg
+        if lr is not None:           # --lr auto: train at the chosen rate; the first seed continues its trial
+            adopted = seed == cfg.seed and w.is_main and adopt_trial(out, lr, seed, sdir)
+            scfg = replace(cfg, lr=lr, resume=cfg.resume or adopted)
+        trainer = Trainer(scfg, task, store, seed, sdir, ddp)
         trainer.fit()
         if trainer.is_main:
             per_seed.append(write_seed_outputs(trainer, trainer.final_scores(), sdir))
@@ -213,6 +227,7 @@ def run_evaluation(run: str | Path, features: str | None = None, labels: str | N
     cfg = replace(cfg, allow_patient_overlap=True)   # scoring a trained model: overlap was settled at training
     task, store, _ = prepare(cfg)
     refuse_changed_task(run, cfg, task)
+    cfg = replace(cfg, lr=recorded_lr(cfg, run))
     out = run / "evaluate"
     per_seed = []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):

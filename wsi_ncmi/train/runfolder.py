@@ -44,7 +44,8 @@ MAY_CHANGE_ON_RESUME = frozenset({"epochs", "patience", "progress", "device", "b
                                   "overwrite", "seeds", "allow_missing"})
 NOT_IDENTITY = MAY_CHANGE_ON_RESUME | {"out"}
 DERIVED = ("labels_sha256", "task_sha256", "features_fingerprint")
-RUN_OUTPUTS = ("config.yaml", RUN_FILE, "metrics.json", "metrics.md", "evaluate", "heatmaps")
+RUN_OUTPUTS = ("config.yaml", RUN_FILE, "metrics.json", "metrics.md", "evaluate", "heatmaps", "lr_search",
+               "lr_search.json")
 
 
 # ---- paths -------------------------------------------------------------------------------------

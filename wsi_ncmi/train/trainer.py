@@ -4,8 +4,12 @@
   (Adam) on the centroids, stepped right after the network on the same mini-batch.
 * Each epoch: shuffled bags (order and sub-sampling drawn from a generator seeded by seed and
   epoch), then an eval-mode pass over train (NCMI's class-mean centroids) and val (metrics, NCMI
-  diagnostics). The best epoch on the validation metric is kept (never the test split); training
-  stops after ``patience`` epochs without improvement.
+  diagnostics). The best epoch on the validation criterion is kept (never the test split), and
+  training stops after ``patience`` epochs without improvement, but never before ``min_epochs``.
+  The criterion (``select_metric``) is compared with a tie-break: ``loss`` (the default, the
+  validation NLL of the class scores: smooth, it moves with every slide's score rather than with
+  the few slides that flip a macro-F1 on 60 bags), then macro-F1; ``auc`` then macro-F1;
+  ``macro_f1`` then AUC. The choice was measured (benchmarks/recipe.py, README "Training recipe").
 * ``last.pt`` (atomic) holds everything to continue, RNG states included, so a killed run resumed
   with ``--resume`` ends exactly where an uninterrupted one does.
 """
@@ -24,17 +28,33 @@ from tqdm.auto import tqdm
 
 from wsi_ncmi.distributed import World, gather
 from wsi_ncmi.errors import WsiNcmiError
-from wsi_ncmi.losses import create_objective, fit_temperature, kl_matrix, ncmi_value
-from wsi_ncmi.losses.ncmi import class_mean
+from wsi_ncmi.losses import create_objective, ncmi_value
+from wsi_ncmi.losses.pc_softmax import class_priors
 from wsi_ncmi.mil.models import create_mil_model
 from wsi_ncmi.tasks.base import SlideRecord, Task
 from wsi_ncmi.train.checkpoint import load_checkpoint, save_checkpoint
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import BagStore, collate
-from wsi_ncmi.train.inference import centroid_scores
 from wsi_ncmi.train.metrics import classification_metrics
+from wsi_ncmi.train.scoring import Scorer, fit_scorer
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIE_BREAK = {"loss": "macro_f1", "auc": "macro_f1", "macro_f1": "auc", "balanced_accuracy": "auc", "accuracy": "auc"}
+
+
+def selection_value(metrics: dict, key: str) -> list[float]:
+    """The validation criterion as a list compared lexicographically (higher is better): the metric
+    (``loss`` = validation NLL, negated) then its tie-break. Non-finite values rank last."""
+    def val(k: str) -> float:
+        v = -metrics["nll"] if k == "loss" else metrics[k]
+        return float(v) if np.isfinite(v) else -math.inf
+    return [val(key), val(TIE_BREAK[key])]
+
+
+def improves(new: list[float], best) -> bool:
+    if not isinstance(best, list):              # runs checkpointed before the tie-break: a float
+        best = [best, -math.inf]
+    return new[0] > best[0] + 1e-9 or (abs(new[0] - best[0]) <= 1e-9 and new[1] > best[1] + 1e-9)
 
 
 def resolve_train_device(cfg: TrainConfig) -> tuple[torch.device, str]:
@@ -102,13 +122,17 @@ class Trainer:
             label_smoothing=cfg.label_smoothing, ncmi_space=cfg.ncmi_space, ncmi_centroids=cfg.ncmi_centroids,
             ncmi_temperature=cfg.ncmi_temperature, ncmi_weight=cfg.ncmi_weight, mi_weight=cfg.mi_weight,
             mi_window=cfg.mi_window, cmi_lambda=cfg.cmi_lambda, cmi_beta=cfg.cmi_beta).to(self.device)
+        if self.objective.ncmi is not None:   # the centre's EMA remembers about one epoch of steps
+            per_rank = -(-len(self.train_set) // (self.ddp.size if self.ddp else 1))
+            self.objective.ncmi.set_centre_window(-(-per_rank // cfg.batch_size))
+        self.priors = class_priors([r.label for r in self.train_set], C)
         params = list(self.model.parameters()) + self.objective.network_parameters()
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
         self.copt = torch.optim.Adam(self.objective.centroid_parameters(), lr=cfg.centroid_lr) \
             if self.objective.alternating else None
         self.history: list[dict] = []
-        self.best = {"epoch": -1, "value": -math.inf}
+        self.best = {"epoch": -1, "value": [-math.inf, -math.inf]}
         self.start_epoch = 0
         if self.ddp:      # same initial weights on every rank (same seed); own dropout/sub-sampling draws
             torch.manual_seed(seed + 7919 * self.ddp.rank)
@@ -207,23 +231,20 @@ class Trainer:
                 "logits": torch.cat(logits), "p": torch.cat(dists), "entropy": ent}
 
     def score(self, outs: dict[str, dict], ref_train: dict, ref_val: dict) -> dict[str, dict]:
-        """Predictions and class scores per split (NCMI: nearest class-mean centroid, tau from val)."""
+        """Predictions and class scores per split by the run's scoring rule (``train/scoring.py``),
+        fit on the training outputs (NCMI's class means) and validation (its temperature)."""
         C = self.task.num_classes
-        result = {}
-        if self.objective.predicts_by_centroid:
-            qbar = class_mean(ref_train["p"], ref_train["y"], C)
-            tau = fit_temperature(-kl_matrix(ref_val["p"], qbar), ref_val["y"])
-            for k, o in outs.items():
-                logs, d = centroid_scores(o["p"], qbar, tau)
-                result[k] = dict(o, pred=d.argmin(1), scores=logs.exp(), tau=tau, qbar=qbar)
-        else:
-            for k, o in outs.items():
-                s = torch.softmax(o["logits"], 1)
-                result[k] = dict(o, pred=s.argmax(1), scores=s)
-        for o in result.values():
-            o["metrics"] = classification_metrics(o["y"].numpy(), o["pred"].numpy(), o["scores"].numpy(), C)
-            o["metrics"].update(ncmi_value(o["p"], o["y"], C))
-        return result
+        scorer = fit_scorer(self.cfg.loss, self.objective.predicts_by_centroid, ref_train, ref_val, self.priors)
+        return {k: self.score_with(scorer, o) for k, o in outs.items()}
+
+    def score_with(self, scorer: Scorer, o: dict) -> dict:
+        C = self.task.num_classes
+        logs = scorer.log_scores(o["logits"], o["p"])
+        r = dict(o, pred=scorer.predict(o["logits"], o["p"]), log_scores=logs, scores=logs.exp(), scorer=scorer)
+        r["metrics"] = classification_metrics(r["y"].numpy(), r["pred"].numpy(), r["scores"].numpy(), C,
+                                              log_scores=logs.numpy())
+        r["metrics"].update(ncmi_value(o["p"], o["y"], C))
+        return r
 
     def evaluate_epoch(self) -> dict[str, dict]:
         tr = self.forward_split(self.train_set) if self.objective.predicts_by_centroid else None
@@ -236,7 +257,7 @@ class Trainer:
             print(f"seed {self.seed}: resuming after epoch {self.start_epoch} from {self.out / 'last.pt'}")
         key = self.cfg.select_metric
         for epoch in range(self.start_epoch, self.cfg.epochs):
-            if epoch - self.best["epoch"] > self.cfg.patience and self.best["epoch"] >= 0:
+            if epoch >= self.cfg.min_epochs and epoch - self.best["epoch"] > self.cfg.patience and self.best["epoch"] >= 0:
                 break
             t0 = time.perf_counter()
             train_loss = self.train_epoch(epoch)
@@ -244,11 +265,11 @@ class Trainer:
             if self.is_main:  # data-parallel: the ranks hold identical models, so only rank 0 validates
                 val = self.evaluate_epoch()["val"]["metrics"]
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - t0,
-                       **{f"val_{k}": val[k] for k in ("macro_f1", "auc", "balanced_accuracy", "accuracy",
-                                                       "concentration", "separation", "ncmi")}}
+                       **{f"val_{k}": val[k] for k in ("nll", "macro_f1", "auc", "balanced_accuracy", "accuracy",
+                                                       "ece", "concentration", "separation", "ncmi")}}
                 self.history.append(row)
-                value = val[key] if np.isfinite(val[key]) else -math.inf
-                improved = value > self.best["value"] + 1e-9
+                value = selection_value(val, key)
+                improved = improves(value, self.best["value"])
             if self.ddp:  # rank 0's decision, so the ranks never leave the loop apart
                 value, improved = gather(self.ddp, (value, improved))[0]
             if improved:
@@ -259,8 +280,9 @@ class Trainer:
             if not self.is_main:
                 continue
             save_checkpoint(self._state(epoch), self.out / "last.pt")
-            print(f"seed {self.seed} epoch {epoch + 1:3d}  loss {train_loss:.4f}  val macro-F1 {val['macro_f1']:.3f} "
-                  f"AUC {val['auc']:.3f}  NCMI {val['ncmi']:.3f}{'  *' if improved else ''}", flush=True)
+            print(f"seed {self.seed} epoch {epoch + 1:3d}  loss {train_loss:.4f}  val NLL {val['nll']:.3f}  "
+                  f"macro-F1 {val['macro_f1']:.3f}  AUC {val['auc']:.3f}  NCMI {val['ncmi']:.3f}"
+                  f"{'  *' if improved else ''}", flush=True)
         if self.ddp:
             gather(self.ddp, None)   # barrier: best.pt and last.pt are written before anyone reads them
 

@@ -70,8 +70,9 @@ def save_heatmap(run: str | Path, slide: str, features: str | Path | None = None
         cls = rm.classes.index(target)
     info = None
     if kind == "info":
-        pmi = instance_information(rm.model, rm.log_scores, x, rm.priors) if estimator == "instance" else \
-            removal_information(rm.model, rm.log_scores, x, ff.coords, max_evals)[0]
+        pmi = instance_information(rm.model, rm.log_scores, x, rm.priors, includes_prior=rm.includes_prior) \
+            if estimator == "instance" else removal_information(rm.model, rm.log_scores, x, ff.coords, max_evals,
+                                                                priors=rm.priors, includes_prior=rm.includes_prior)[0]
         info = info_contrast(pmi, cls)
 
     attrs = ff.attrs

@@ -1,0 +1,82 @@
+"""How a trained model turns its outputs into a prediction and class scores: one rule per run.
+
+Two rules, chosen by the loss:
+
+* ``softmax`` (every loss but NCMI): prediction argmax of the logits, log scores log-softmax.
+* ``centroid`` (NCMI): prediction by the nearest training class mean, argmin_k KL(P || Qbar_k);
+  log scores the per-class Bayes score of ``losses.ncmi.centroid_log_scores`` with its temperature
+  fit on validation inside ``TAU_BOUNDS``.
+
+Scores are float64 log-probabilities everywhere: AUC ranks them (exp() of a float32 score saturated
+to hard 0 and 1 and tied slides that the log scores still order), and ECE / Brier read exp() of
+them. ``includes_prior`` says whether a score is a posterior (it holds the training class prior)
+or a prior-free, balanced score (PC-softmax, inverse-frequency weighted CE, legacy NCMI scores):
+the information maps turn either into the log posterior and subtract log pi once.
+
+The rule is fit once per trained model (``fit_scorer``) and saved to ``seed_<s>/scoring.pt``, so
+``evaluate``, ``heatmap`` and ``predict`` score a slide exactly as training did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from wsi_ncmi.losses.ncmi import TAU_BOUNDS, centroid_log_scores, class_mean, class_spread, fit_temperature, kl_matrix
+
+PRIOR_FREE_LOSSES = ("pc_softmax", "weighted_ce")   # trained to balanced (prior-free) class scores
+
+
+@dataclass
+class Scorer:
+    kind: str                                  # "softmax" or "centroid"
+    includes_prior: bool = True
+    qbar: torch.Tensor | None = None           # centroid: training class means of P
+    spread: torch.Tensor | None = None         # centroid: mean training KL to the own class mean (None: legacy)
+    log_prior: torch.Tensor | None = None      # centroid: log training class frequencies
+    tau: float = 1.0
+
+    def log_scores(self, logits: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+        """(N, C) float64 log class scores."""
+        if self.kind == "softmax":
+            return torch.log_softmax(logits.double(), dim=1)
+        if self.spread is None:                # runs trained before the Bayes score: softmax(-KL / tau)
+            return torch.log_softmax(-kl_matrix(p.double(), self.qbar.double()) / self.tau, dim=1)
+        return centroid_log_scores(p, self.qbar, self.spread, self.log_prior, self.tau)[0]
+
+    def predict(self, logits: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "softmax":
+            return logits.argmax(1)
+        return kl_matrix(p.double(), self.qbar.double()).argmin(1)
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "includes_prior": self.includes_prior, "qbar": self.qbar, "spread": self.spread,
+                "log_prior": self.log_prior, "tau": self.tau}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "Scorer":
+        if "kind" not in st:                   # scoring.pt of earlier runs: {"qbar", "tau"}, prior-free scores
+            return cls("centroid", includes_prior=False, qbar=st["qbar"], tau=float(st["tau"]))
+        return cls(st["kind"], bool(st["includes_prior"]), st["qbar"], st["spread"], st["log_prior"], float(st["tau"]))
+
+
+def fit_scorer(loss: str, by_centroid: bool, train: dict, val: dict, priors: torch.Tensor) -> Scorer:
+    """The scoring rule of a trained model from its training and validation outputs ({"p", "y", ...})."""
+    if not by_centroid:
+        return Scorer("softmax", includes_prior=loss not in PRIOR_FREE_LOSSES)
+    C = len(priors)
+    qbar = class_mean(train["p"], train["y"], C).double()
+    spread = class_spread(train["p"], train["y"], qbar)
+    log_prior = priors.double().log()
+    raw = centroid_log_scores(val["p"], qbar, spread, log_prior)[0]
+    tau = fit_temperature(raw, val["y"], TAU_BOUNDS)
+    return Scorer("centroid", True, qbar, spread, log_prior, tau)
+
+
+def log_posterior(log_scores: torch.Tensor, log_prior: torch.Tensor, includes_prior: bool) -> torch.Tensor:
+    """log p(c | x): the score itself when it holds the prior, else log pi_c s_c - log sum_k pi_k s_k."""
+    if includes_prior:
+        return log_scores
+    z = log_scores + log_prior.to(log_scores)[None]
+    return z - torch.logsumexp(z, dim=1, keepdim=True)
