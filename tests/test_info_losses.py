@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from wsi_ncmi.losses import create_objective
-from wsi_ncmi.losses.cmi_ce import CMIPenalty
+from wsi_ncmi.losses.cmi_ce import SEPARATION_FLOOR, CMIPenalty
 from wsi_ncmi.losses.mi import MutualInformationLoss, marginal_entropy, mutual_information
 from wsi_ncmi.losses.pc_softmax import PCSoftmaxLoss, class_priors, pointwise_mi
 
@@ -82,15 +82,19 @@ def test_mi_window_pools_recent_samples_and_resumes_from_state():
     assert int(loss.win_pos) == 1                          # evaluation never writes the window
 
 
-def test_cmi_ce_is_ce_plus_lambda_concentration_minus_beta_separation():
+@pytest.mark.parametrize("scale", [1.0, 12.0])          # 12: saturated outputs, where the floor binds
+def test_cmi_ce_is_ce_plus_lambda_concentration_minus_beta_floored_separation(scale):
     obj = create_objective("cmi_ce", 3, 8, cmi_lambda=0.4, cmi_beta=0.2)
     q = obj.cmi.centroids().detach().numpy()
-    p = torch.softmax(LOGITS, 1).numpy()
+    logits = LOGITS * scale
+    p = torch.softmax(logits.double(), 1).numpy()
     conc = np.mean([_kl(p[i], q[y]) for i, y in enumerate(Y.tolist())])
-    sep = np.mean([np.mean([_kl(q[k], p[i]) for k in range(3) if k != y]) for i, y in enumerate(Y.tolist())])
-    ce = float(F.cross_entropy(LOGITS, Y))
-    loss, pp = obj.network_loss(LOGITS, None, Y)
-    assert float(loss) == pytest.approx(ce + 0.4 * conc - 0.2 * sep, rel=1e-5)
+    pf = np.maximum(p, SEPARATION_FLOOR)
+    sep = np.mean([np.mean([_kl(q[k], pf[i]) for k in range(3) if k != y]) for i, y in enumerate(Y.tolist())])
+    assert sep <= math.log(1 / SEPARATION_FLOOR) + 1e-9
+    ce = float(F.cross_entropy(logits, Y))
+    loss, pp = obj.network_loss(logits, None, Y)
+    assert float(loss) == pytest.approx(ce + 0.4 * conc - 0.2 * sep, rel=1e-4)
     assert obj.alternating and obj.centroid_parameters() == [obj.cmi.centroid_logits]
 
 
