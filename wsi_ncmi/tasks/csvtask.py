@@ -68,4 +68,6 @@ def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int
                 r.split = "test"
         stratified_val([r for r in records if r.split != "test"], 0.15 / 0.85, split_seed)
     notes = refuse_patient_overlap(records, str(path), allow_patient_overlap)
-    return Task("csv", classes, records, str(path), notes=notes).check()
+    return Task("csv", classes, records, str(path), notes=notes, fixed_test="split" in cols,
+                fold_column={r["slide_id"]: r["fold"] for r in rows} if "fold" in cols and "split" not in cols
+                else None).check()
