@@ -150,7 +150,8 @@ def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> 
     if "test" in agg and "patient_qwk" in agg["test"]:
         q = agg["test"]["patient_qwk"]
         lines += ["", f"CAMELYON-17 patient pN-stage quadratic-weighted kappa (test): {q['mean']:.3f} ± {q['std']:.3f}"]
-    lines += ["", "| seed | best epoch | test macro-F1 (95% CI) | test AUC (95% CI) |", "|---|---|---|---|"]
+    if any("test" in m for m in per_seed):
+        lines += ["", "| seed | best epoch | test macro-F1 (95% CI) | test AUC (95% CI) |", "|---|---|---|---|"]
     for m in per_seed:
         if "test" in m:
             t, ci = m["test"], m["test"]["ci95"]
