@@ -211,6 +211,14 @@ def test_camelyon17_fold_run_end_to_end_evaluate_and_resume(tmp_path):
     ident = json.loads((out / "run.json").read_text())["identity"]
     assert ident["folds"] == 3 and "folds: 3" in (out / "config.yaml").read_text()
 
+    # a fold folder serves its own models (heatmaps); the run itself names the fold folders
+    from wsi_ncmi.train.inference import load_run_model
+
+    rm = load_run_model(out / "fold_1", 1, 6)
+    assert rm.classes == CLASSES and rm.cfg.folds == 3
+    with pytest.raises(WsiNcmiError, match=r"3-fold cross-validation run, one model per fold; pass a fold folder"):
+        load_run_model(out, 0, 6)
+
     # evaluate re-scores every fold into evaluate/ and pools to the same numbers
     with contextlib.redirect_stdout(io.StringIO()):
         again = run_evaluation(out)

@@ -104,6 +104,15 @@ def load_run_config(run: str | Path, require: tuple[str, ...] = PATH_KEYS, **giv
     return cfg
 
 
+def settings_folder(run: Path) -> Path:
+    """The folder whose config.yaml holds ``run``'s settings: itself, or for a fold folder of a
+    cross-validation run (``<run>/fold_<k>``, which has its own seeds but not its own settings) the run."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file() and run.name.startswith("fold_") and (run.parent / "config.yaml").is_file():
+        return run.parent
+    return run
+
+
 # ---- identity ----------------------------------------------------------------------------------
 def file_sha256(path: str | Path) -> str | None:
     p = Path(path)
