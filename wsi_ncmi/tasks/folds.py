@@ -11,9 +11,10 @@ silently inflate every number a cross-validated run reports, so it is kept small
 * **Whole patients.** A patient's slides are always in one fold (CAMELYON-17's five nodes of a
   patient are not independent); a slide without a patient is its own patient.
 * **Stratified.** Patients are placed in a seeded order, those holding the rarest classes first;
-  each goes to the fold that (1) lacks its rarest class, then its next rarest, ... (so every class
-  with at least K patients reaches every fold), and (2) keeps every class's count per fold closest
-  to its share (total / K), then (3) holds the fewest slides. Deterministic given ``split_seed``.
+  each goes to the fold that (1) lacks its rarest class, then its next rarest, ..., (2) keeps every
+  class's count per fold closest to its share (total / K), then (3) holds the fewest slides. A last
+  pass moves (or swaps) patients into a fold the greedy order left without a class, so every class
+  with at least K patients reaches every fold where whole patients allow it. Deterministic given ``split_seed``.
 * Within each fold's training part, validation is drawn like the single split's
   (``stratified_val``: whole patients, stratified, ``--val-fraction``); the out-of-fold slides are
   split ``oof`` and are never used for selection.
@@ -69,7 +70,7 @@ def assign_folds(records: list[SlideRecord], k: int, seed: int, classes: list[st
     order.sort(key=lambda p: (rarity[labs[p][0]], -len(by[p]), rank[p]))   # rarest class first, big patients first
     counts = [Counter() for _ in range(k)]
     sizes = [0] * k
-    fold_of: dict[str, int] = {}
+    placed: dict[str, int] = {}
     for p in order:
         mine = Counter(r.label for r in by[p])
 
@@ -82,9 +83,35 @@ def assign_folds(records: list[SlideRecord], k: int, seed: int, classes: list[st
         f = min(range(k), key=cost)
         counts[f].update(mine)
         sizes[f] += len(by[p])
-        for r in by[p]:
-            fold_of[r.slide_id] = f
-    return fold_of
+        placed[p] = f
+    _fill_gaps(placed, labs, k, order)
+    return {r.slide_id: placed[p] for p in pats for r in by[p]}
+
+
+def _fill_gaps(placed: dict[str, int], labs: dict[str, list[int]], k: int, order: list[str]) -> None:
+    """Where the greedy pass left a fold without a class that has K or more patients, move there a
+    patient of that class from a fold that keeps every class the patient takes away, or else swap
+    it with a patient of the gap's fold where both folds keep every class. Each step closes a gap
+    and opens none, so this ends."""
+    holders = Counter(c for p in order for c in labs[p])
+    while True:
+        has = [Counter(c for p in order if placed[p] == f for c in labs[p]) for f in range(k)]
+        gap = next(((c, f) for c in sorted(holders) if holders[c] >= k for f in range(k) if has[f][c] == 0), None)
+        if gap is None:
+            return
+        c, f = gap
+        movable = [p for p in order if c in labs[p] and all(has[placed[p]][d] >= 2 for d in labs[p])]
+        if movable:
+            placed[max(movable, key=lambda p: (has[placed[p]][c], -len(labs[p])))] = f
+            continue
+        swap = next(((q, r) for q in order if c in labs[q] and has[placed[q]][c] >= 2
+                     for r in order if placed[r] == f
+                     and all(has[placed[q]][d] - 1 + (d in labs[r]) >= 1 for d in labs[q])
+                     and all(has[f][d] - 1 + (d in labs[q]) >= 1 for d in labs[r])), None)
+        if swap is None:
+            return
+        q, r = swap
+        placed[q], placed[r] = f, placed[q]
 
 
 def given_folds(task: Task, k: int) -> dict[str, int] | None:
