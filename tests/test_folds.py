@@ -104,6 +104,16 @@ def test_every_class_reaches_every_fold_on_random_cohorts():
     assert done > 150
 
 
+def test_bracs_folds_cover_the_official_train_and_val_and_hold_out_its_test():
+    t = load_task("bracs", labels=str(Path(__file__).parent / "data" / "bracs_official_split.csv"))
+    fold_of = fold_assignment(t, 5, 0)
+    pool = cv_pool(t)
+    assert len(pool) == 395 + 65 and {s.split for s in pool} == {"train", "val"}
+    _check_folds(pool, fold_of, 5, tol=0.05)
+    ft = fold_task(t, fold_of, 4, 0.1, 0)
+    assert {s.slide_id for s in ft.split("test")} == {s.slide_id for s in t.split("test")} and len(ft.split("test")) == 87
+
+
 def test_csv_folds_keep_patients_together_and_follow_the_split_and_fold_columns(tmp_path):
     rng = np.random.default_rng(3)
     rows = []
@@ -243,6 +253,13 @@ def test_camelyon17_fold_run_end_to_end_evaluate_and_resume(tmp_path):
     assert (out / "evaluate" / "fold_2" / "seed_1" / "predictions_oof.csv").is_file()
     assert again["oof_pooled"]["macro_f1"] == pytest.approx(agg["oof_pooled"]["macro_f1"])
     assert again["test"]["macro_f1"]["mean"] == pytest.approx(agg["test"]["macro_f1"]["mean"])
+    saved = (out / "folds.csv").read_text()
+    lines = saved.splitlines()
+    moved = lines[1].rsplit(",", 1)[0] + "," + str((int(lines[1].rsplit(",", 1)[1]) + 1) % 3)
+    (out / "folds.csv").write_text("\n".join([lines[0], moved] + lines[2:]) + "\n")
+    rc, _, err = cli("evaluate", out)                                     # folds drawn otherwise: refused
+    assert rc == 2 and "differ from those in" in err and "folds.csv" in err
+    (out / "folds.csv").write_text(saved)
 
     # rerunning needs --resume; --resume keeps finished folds and trains only what is missing
     rc, _, err = cli(*args)

@@ -52,6 +52,21 @@ def _write_folds(path: Path, plan: Plan) -> None:
             w.writerow([s.slide_id, s.patient, task.classes[s.label], assignment[s.slide_id]])
 
 
+def _refuse_other_folds(run: Path, plan: Plan) -> None:
+    """``evaluate`` scores each fold's models on that fold's own slides: folds drawn differently now
+    (another wsi-ncmi version, an edited label file) would score training slides as out-of-fold."""
+    f = run / "folds.csv"
+    try:
+        with open(f, newline="") as fh:
+            trained = {r["slide_id"]: int(r["fold"]) for r in csv.DictReader(fh)}
+    except (OSError, KeyError, ValueError, TypeError):
+        raise WsiNcmiError(f"{f}: missing or unreadable, so the folds this run was trained on are unknown; train "
+                           "the run again with --overwrite") from None
+    if trained != plan[0]:
+        raise WsiNcmiError(f"{run}: the folds drawn now differ from those in {f}, so out-of-fold slides would include "
+                           "training slides; evaluate with the wsi-ncmi version and label file of the training")
+
+
 def _finished(fdir: Path, seeds: list[int]) -> list[dict] | None:
     """A fold's per-seed metrics when every seed of this run finished there, else None."""
     files = [fdir / f"seed_{s}" / "metrics.json" for s in seeds]
@@ -85,6 +100,7 @@ def train_folds(cfg, plan: Plan, store, out: Path, w, ddp, seeds: list[int]) -> 
 
 def evaluate_folds(cfg, plan: Plan, store, run: Path) -> dict:
     """``evaluate`` of a fold run: every fold's seeds re-scored into ``run/evaluate/fold_<k>/``, pooled there."""
+    _refuse_other_folds(run, plan)
     out = run / "evaluate"
     per_fold = []
     for k, ftask in enumerate(plan[1]):
