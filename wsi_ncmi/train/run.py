@@ -11,6 +11,9 @@ Run folder::
                                   confusion, NCMI; test bootstrap 95% CIs; CAMELYON-17 patient QWK
     seed_<s>/curves.png, test_confusion_roc.png
     metrics.json, metrics.md      mean +/- std over seeds
+
+With ``--folds K`` (default off: the task's single split) each fold is trained into ``fold_<k>/``,
+laid out as above, and the top level pools them (``train/cv.py``; folds: ``tasks/folds.py``).
 """
 
 from __future__ import annotations
