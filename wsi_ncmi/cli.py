@@ -114,12 +114,18 @@ examples:
   wsi-ncmi train --task camelyon17 --labels stage_labels.csv --features features/ --model abmil --loss ncmi --out runs/c17
   wsi-ncmi train --task bracs --slides BRACS_WSI/ --features features/ --loss ce --seeds 5 --out runs/bracs_ce
   wsi-ncmi train --task csv --labels cohort.csv --features features/ --out runs/mine   # slide_id,label[,split|fold,patient]
+  wsi-ncmi train --task camelyon17 --labels stage_labels.csv --features features/ --folds 5 --seeds 3 --out runs/c17_cv
   wsi-ncmi train ... --resume          # continue a killed run from its last epoch
   wsi-ncmi train ... --overwrite       # replace the run in --out (another run's settings are refused)
 
 output (in --out): config.yaml, metrics.md / metrics.json (mean +/- std over seeds), and per seed
 best.pt/last.pt, history.csv, predictions_<split>.csv, metrics.json (bootstrap CIs), curves.png,
 test_confusion_roc.png.
+
+cross-validation (--folds K; default off: the task's single split): folds.csv (slide_id,patient,
+label,fold), fold_<k>/ laid out like a run (seed_<s>/..., metrics.json; the fold's own slides are
+split "oof"), predictions_oof.csv (every CV-pool slide once per seed), metrics.md / metrics.json
+(pooled out-of-fold metrics with bootstrap 95% CIs, mean +/- std over folds x seeds, held-out test).
 """
 
 _TRAIN_FLAGS = [
@@ -150,6 +156,13 @@ _TRAIN_FLAGS = [
     ("val_fraction", float, "validation fraction where the task draws one: whole patients, stratified (default 0.1)"),
     ("split_seed", int, "seed of that validation draw (default 0)"),
     ("test_fold", int, "for CSVs with a fold column: the test fold (default 0)"),
+    ("folds", int, "K-fold cross-validation instead of the single split (default: off, the single split). Folds "
+                   "are whole patients, stratified by class, drawn with --split-seed (a CSV fold column gives them "
+                   "itself); they cover the slides outside the task's fixed test set (CAMELYON-17 centres 0-2, "
+                   "BRACS train+val, a CSV's train+val rows; every slide of a CSV without a split column), and each "
+                   "fold draws its own validation from its training part. Each fold is trained into "
+                   "<out>/fold_<k>/; the top level reports mean +/- std over folds x seeds, the pooled "
+                   "out-of-fold predictions with bootstrap 95%% CIs, and the held-out test where there is one"),
     ("ncmi_space", str, "where NCMI's P lives: embedding (the method's: the centred penultimate embedding; "
                         "default) or logit"),
     ("ncmi_centroids", str, "alternating (default) or fixed centroids"),

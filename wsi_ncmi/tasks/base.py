@@ -28,6 +28,8 @@ class Task:
     slides: list[SlideRecord]
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    fixed_test: bool = True           # the test split is the dataset's own (False: drawn from the cohort)
+    fold_column: dict[str, str] | None = None   # a CSV's fold column {slide_id: fold}, for --folds
 
     @property
     def num_classes(self) -> int:
@@ -37,9 +39,9 @@ class Task:
         return [s for s in self.slides if s.split == name]
 
     def counts(self) -> dict[str, list[int]]:
-        """Per split, the number of slides of each class."""
+        """Per split, the number of slides of each class (``oof`` too in a cross-validation fold)."""
         out = {}
-        for sp in SPLITS:
+        for sp in SPLITS + (("oof",) if self.split("oof") else ()):
             c = Counter(s.label for s in self.split(sp))
             out[sp] = [c.get(k, 0) for k in range(self.num_classes)]
         return out
@@ -52,7 +54,7 @@ class Task:
             raise WsiNcmiError(f"{self.source}: every slide has the same label ({only}); a classifier needs at "
                                "least two classes: check the label column")
         for sp in ("train", "test"):
-            if not self.split(sp):
+            if not self.split(sp) and not (sp == "test" and self.split("oof")):
                 raise WsiNcmiError(f"{self.source}: task '{self.name}' has no {sp} slides; check the split column/layout")
         if not self.split("val"):
             raise WsiNcmiError(f"{self.source}: task '{self.name}' has no validation slides, and model selection "
@@ -67,7 +69,7 @@ class Task:
     def warnings(self) -> list[str]:
         """Classes absent from val or test: their F1 and AUC are left out of the macro averages."""
         out = []
-        for sp in ("val", "test"):
+        for sp in [sp for sp in ("val", "oof", "test") if sp != "oof" or self.split(sp)]:
             gone = [self.classes[k] for k, n in enumerate(self.counts()[sp]) if n == 0]
             if gone:
                 out.append(f"{sp} split has no slide of class(es) {', '.join(gone)}: macro-F1 and AUC on {sp} "

@@ -6,6 +6,8 @@ splits is an error naming the patient (``allow_patient_overlap`` proceeds, with 
 ``split`` column (train/val/test) it is used as is; with a ``fold`` column, fold ``test_fold`` is the
 test set and a stratified ``val_fraction`` of the rest is validation; with neither, a stratified
 70/15/15 split is drawn with ``split_seed`` (written into the run's config so it can be reproduced).
+``--folds K`` (``tasks/folds.py``) cross-validates over the train+val rows of a ``split`` column, or
+over every row otherwise; a ``fold`` column then gives the folds itself.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int
             raise WsiNcmiError(f"{path}: split must be train, val or test (found '{bad[0]}')")
     elif "fold" in cols:
         folds = [r["fold"] for r in rows]
+        if str(test_fold) not in folds:
+            raise WsiNcmiError(f"{path}: --test-fold {test_fold} is not a value of the fold column "
+                               f"({', '.join(sorted(set(folds)))}); pass --test-fold {min(set(folds))}")
         for rec, f in zip(records, folds):
             rec.split = "test" if f == str(test_fold) else ""
         stratified_val([r for r in records if r.split != "test"], val_fraction, split_seed)
@@ -68,4 +73,6 @@ def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int
                 r.split = "test"
         stratified_val([r for r in records if r.split != "test"], 0.15 / 0.85, split_seed)
     notes = refuse_patient_overlap(records, str(path), allow_patient_overlap)
-    return Task("csv", classes, records, str(path), notes=notes).check()
+    return Task("csv", classes, records, str(path), notes=notes, fixed_test="split" in cols,
+                fold_column={r["slide_id"]: r["fold"] for r in rows} if "fold" in cols and "split" not in cols
+                else None).check()

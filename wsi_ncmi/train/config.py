@@ -57,6 +57,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     test_fold: int = 0
+    folds: int = 0                    # 0: the task's single split; K >= 2: K-fold cross-validation (tasks/folds.py)
     ncmi_space: str = "embedding"     # embedding (the method's) or logit
     ncmi_centroids: str = "alternating"
     ncmi_temperature: float | None = None
@@ -90,6 +91,9 @@ class TrainConfig:
         for name in ("epochs", "seeds", "batch_size"):
             if getattr(self, name) < 1:
                 raise WsiNcmiError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.folds != 0 and self.folds < 2:
+            raise WsiNcmiError(f"--folds {self.folds}: cross-validation needs at least 2 folds; pass --folds 5 (or "
+                               "leave --folds out for the single split)")
         if self.min_epochs < 0 or self.patience < 0:
             raise WsiNcmiError("--min-epochs and --patience must be >= 0")
         for name in ("mi_weight", "mi_window", "cmi_lambda", "cmi_beta", "ncmi_weight"):

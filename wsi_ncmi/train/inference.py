@@ -48,11 +48,16 @@ class RunModel:
 def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
     from wsi_ncmi.mil.models import create_mil_model
 
+    from wsi_ncmi.train.runfolder import settings_folder
+
     run = Path(run)
-    if not (run / "config.yaml").is_file():
+    if not (settings_folder(run) / "config.yaml").is_file():
         raise WsiNcmiError(f"{run}: not a training run folder (no config.yaml); pass the --out of `wsi-ncmi train`")
-    cfg = TrainConfig.from_sources(str(run / "config.yaml"))
+    cfg = TrainConfig.from_sources(str(settings_folder(run) / "config.yaml"))
     ckpt = run / f"seed_{seed}" / "best.pt"
+    if cfg.folds and not run.name.startswith("fold_"):
+        raise WsiNcmiError(f"{run}: a {cfg.folds}-fold cross-validation run, one model per fold; pass a fold folder "
+                           f"such as {run / 'fold_0'}")
     if not ckpt.is_file():
         raise WsiNcmiError(f"{ckpt}: no checkpoint; train the run first (or pick --seed)")
     if not (run / "metrics.json").is_file():

@@ -27,6 +27,8 @@ def load_run_metrics(run: str | Path) -> dict:
     except (ValueError, OSError) as exc:
         raise WsiNcmiError(f"{f}: unreadable ({exc}); rerun `wsi-ncmi evaluate {run}` or the training with --resume") \
             from None
+    if isinstance(agg, dict) and "test" not in agg and "oof" in agg:
+        agg = dict(agg, test=agg["oof"])   # cross-validation without a held-out test: its out-of-fold sets
     missing = [k for k in NEEDED if not isinstance(agg, dict) or k not in agg]
     if missing:
         raise WsiNcmiError(f"{f}: not a run summary (no {', '.join(missing)}); pass the --out folder of a finished "

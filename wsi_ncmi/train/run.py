@@ -11,6 +11,9 @@ Run folder::
                                   confusion, NCMI; test bootstrap 95% CIs; CAMELYON-17 patient QWK
     seed_<s>/curves.png, test_confusion_roc.png
     metrics.json, metrics.md      mean +/- std over seeds
+
+With ``--folds K`` (default off: the task's single split) each fold is trained into ``fold_<k>/``,
+laid out as above, and the top level pools them (``train/cv.py``; folds: ``tasks/folds.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ from wsi_ncmi.train.runfolder import (absolute_paths, load_run_config, open_run,
 from wsi_ncmi.train.trainer import Trainer
 
 REPORTED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ece", "brier", "ncmi")
+EVALUATED = ("val", "oof", "test")    # "oof": a cross-validation fold's own slides (tasks/folds.py)
+
+
+def mean_std_of(per_seed: list[dict], sp: str) -> dict:
+    """{metric: {mean, std}} of split ``sp`` over per-seed metrics (and CAMELYON-17's patient QWK)."""
+    out = {k: dict(zip(("mean", "std"), mean_std([m[sp].get(k) for m in per_seed]))) for k in REPORTED}
+    if all("patient_pn" in m[sp] for m in per_seed):
+        out["patient_qwk"] = dict(zip(("mean", "std"), mean_std([m[sp]["patient_pn"]["qwk"] for m in per_seed])))
+    return out
 
 
 def prepare(cfg: TrainConfig) -> tuple[Task, BagStore, list[str]]:
@@ -127,61 +139,38 @@ def write_seed_outputs(trainer: Trainer, scores: dict[str, dict], out: Path) -> 
 def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> dict:
     agg: dict = {"task": task.name, "model": cfg.model, "loss": cfg.loss, "seeds": [m["seed"] for m in per_seed],
                  "classes": task.classes, "counts": task.counts(), "notes": task.notes}
-    for sp in ("val", "test"):
+    for sp in EVALUATED:
         if all(sp in m for m in per_seed):
-            agg[sp] = {k: dict(zip(("mean", "std"), mean_std([m[sp].get(k) for m in per_seed]))) for k in REPORTED}
-            if all("patient_pn" in m[sp] for m in per_seed):
-                agg[sp]["patient_qwk"] = dict(zip(("mean", "std"), mean_std([m[sp]["patient_pn"]["qwk"] for m in per_seed])))
+            agg[sp] = mean_std_of(per_seed, sp)
     (out / "metrics.json").write_text(json.dumps(agg, indent=2))
     lines = [f"# {task.name}: {cfg.model} trained with {cfg.loss} ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})", "",
              "| split | macro-F1 | AUC | balanced acc. | accuracy | ECE | Brier | NCMI |",
              "|---|---|---|---|---|---|---|---|"]
-    for sp in ("val", "test"):
+    for sp in EVALUATED:
         if sp in agg:
             cells = [f"{agg[sp][k]['mean']:.3f} ± {agg[sp][k]['std']:.3f}" for k in REPORTED]
             lines.append(f"| {sp} | " + " | ".join(cells) + " |")
     if "test" in agg and "patient_qwk" in agg["test"]:
         q = agg["test"]["patient_qwk"]
         lines += ["", f"CAMELYON-17 patient pN-stage quadratic-weighted kappa (test): {q['mean']:.3f} ± {q['std']:.3f}"]
-    lines += ["", "| seed | best epoch | test macro-F1 (95% CI) | test AUC (95% CI) |", "|---|---|---|---|"]
+    if any("test" in m for m in per_seed):
+        lines += ["", "| seed | best epoch | test macro-F1 (95% CI) | test AUC (95% CI) |", "|---|---|---|---|"]
     for m in per_seed:
         if "test" in m:
             t, ci = m["test"], m["test"]["ci95"]
             lines.append(f"| {m['seed']} | {m['best_epoch']} | {t['macro_f1']:.3f} ({ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}) "
                          f"| {t['auc']:.3f} ({ci['auc'][0]:.3f}-{ci['auc'][1]:.3f}) |")
-    lines += ["", "Class counts (train / val / test): " + "; ".join(
-        f"{c}: {agg['counts']['train'][k]}/{agg['counts']['val'][k]}/{agg['counts']['test'][k]}"
-        for k, c in enumerate(task.classes))]
+    splits = [sp for sp in ("train", "val", "oof", "test") if sp in agg["counts"]]
+    lines += ["", f"Class counts ({' / '.join(splits)}): " + "; ".join(
+        f"{c}: " + "/".join(str(agg['counts'][sp][k]) for sp in splits) for k, c in enumerate(task.classes))]
     lines += ["Pictures: seed_*/curves.png (loss, validation metrics, NCMI vs accuracy), seed_*/test_confusion_roc.png"]
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
     return agg
 
 
-@releases_run_lock
-def run_training(cfg: TrainConfig) -> dict:
-    """Train every seed and aggregate. Under torchrun: seeds are shared out one per rank (rank r
-    trains seeds r, r + world, ...) and rank 0 gathers them into the one report; a single seed on
-    several ranks is trained data-parallel instead (disjoint bags per rank, averaged gradients)."""
-    cfg.validate()
-    w = world()
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
-    ddp = w if w.distributed and len(seeds) == 1 else None
-    if w.distributed:
-        cfg = replace(cfg, device=w.device(cfg.device), progress=cfg.progress and w.is_main)
-        start(w)
-    cfg = absolute_paths(cfg)
-    out = Path(cfg.out)
-    task, store, _ = prepare(cfg)
-    open_run(cfg, task, store, w)   # identity check, lock, run.json: before anything is written
-    if w.is_main:
-        cfg.save(out / "config.yaml")
-        if note := padding_warning(cfg, task, store):
-            print(note, flush=True)
-        mode = (f"; {w.size} ranks, data-parallel" if ddp else f"; {w.size} ranks, seeds in parallel") \
-            if w.distributed else ""
-        print(f"{task.name}: {len(task.slides)} slides, classes {task.classes}, train/val/test "
-              f"{len(task.split('train'))}/{len(task.split('val'))}/{len(task.split('test'))}; features "
-              f"{store.source.kind} ({store.dim}-d){mode}", flush=True)
+def train_seeds(cfg: TrainConfig, task: Task, store: BagStore, out: Path, w, ddp, seeds: list[int]) -> list[dict]:
+    """Train ``seeds`` of one task into ``out`` (a run folder, or a fold folder of one); ``--resume``
+    keeps finished seeds. Under torchrun every rank returns every seed's metrics."""
     lr = None
     if cfg.lr == "auto":             # seeds in parallel: rank 0 searches while the others wait
         if ddp or w.is_main:
@@ -209,7 +198,46 @@ def run_training(cfg: TrainConfig) -> dict:
             per_seed.append(write_seed_outputs(trainer, trainer.final_scores(), sdir))
     if w.distributed:
         per_seed = sorted((m for part in gather(w, per_seed) for m in part), key=lambda m: m["seed"])
-    agg = aggregate(per_seed, cfg, task, out) if w.is_main else {}
+    return per_seed
+
+
+@releases_run_lock
+def run_training(cfg: TrainConfig) -> dict:
+    """Train every seed and aggregate. Under torchrun: seeds are shared out one per rank (rank r
+    trains seeds r, r + world, ...) and rank 0 gathers them into the one report; a single seed on
+    several ranks is trained data-parallel instead (disjoint bags per rank, averaged gradients)."""
+    cfg.validate()
+    w = world()
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    ddp = w if w.distributed and len(seeds) == 1 else None
+    if w.distributed:
+        cfg = replace(cfg, device=w.device(cfg.device), progress=cfg.progress and w.is_main)
+        start(w)
+    cfg = absolute_paths(cfg)
+    out = Path(cfg.out)
+    task, store, _ = prepare(cfg)
+    plan = None
+    if cfg.folds:                   # a fold no model can be trained on is refused before anything is written
+        from wsi_ncmi.train.cv import plan_folds, train_folds
+
+        plan = plan_folds(cfg, task)
+    open_run(cfg, task, store, w)   # identity check, lock, run.json: before anything is written
+    if w.is_main:
+        cfg.save(out / "config.yaml")
+        if note := padding_warning(cfg, task, store):
+            print(note, flush=True)
+        mode = (f"; {w.size} ranks, data-parallel" if ddp else f"; {w.size} ranks, seeds in parallel") \
+            if w.distributed else ""
+        design = (f"{cfg.folds}-fold cross-validation over {sum(len(f.split('oof')) for f in plan[1])} slides, "
+                  + (f"held-out test {len(task.split('test'))}" if task.fixed_test else "no held-out test")) \
+            if plan else (
+                  f"train/val/test {len(task.split('train'))}/{len(task.split('val'))}/{len(task.split('test'))}")
+        print(f"{task.name}: {len(task.slides)} slides, classes {task.classes}, {design}; features "
+              f"{store.source.kind} ({store.dim}-d){mode}", flush=True)
+    if plan:
+        agg = train_folds(cfg, plan, store, out, w, ddp, seeds)
+    else:
+        agg = aggregate(train_seeds(cfg, task, store, out, w, ddp, seeds), cfg, task, out) if w.is_main else {}
     if w.is_main:
         print((out / "metrics.md").read_text())
     if w.distributed:
@@ -227,11 +255,22 @@ def run_evaluation(run: str | Path, features: str | None = None, labels: str | N
     cfg = replace(cfg, allow_patient_overlap=True)   # scoring a trained model: overlap was settled at training
     task, store, _ = prepare(cfg)
     refuse_changed_task(run, cfg, task)
-    cfg = replace(cfg, lr=recorded_lr(cfg, run))
-    out = run / "evaluate"
+    if cfg.folds:
+        from wsi_ncmi.train.cv import evaluate_folds, plan_folds
+
+        agg = evaluate_folds(cfg, plan_folds(cfg, task), store, run)
+    else:
+        agg = aggregate(evaluate_seeds(cfg, task, store, run, run / "evaluate"), cfg, task, run / "evaluate")
+    print((run / "evaluate" / "metrics.md").read_text())
+    return agg
+
+
+def evaluate_seeds(cfg: TrainConfig, task: Task, store: BagStore, trained: Path, out: Path) -> list[dict]:
+    """Re-score every seed trained in ``trained`` (a run folder or a fold folder) into ``out``."""
+    cfg = replace(cfg, lr=recorded_lr(cfg, trained))
     per_seed = []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        sdir = run / f"seed_{seed}"
+        sdir = trained / f"seed_{seed}"
         if not (sdir / "best.pt").exists():
             raise WsiNcmiError(f"{sdir}: no best.pt; finish training with `wsi-ncmi train ... --resume`")
         trainer = Trainer(cfg, task, store, seed, sdir)
@@ -239,7 +278,4 @@ def run_evaluation(run: str | Path, features: str | None = None, labels: str | N
         edir.mkdir(parents=True, exist_ok=True)
         trainer.history = []
         per_seed.append(write_seed_outputs(trainer, trainer.final_scores(), edir))
-    agg = aggregate(per_seed, cfg, task, out)
-    print((out / "metrics.md").read_text())
-    return agg
-
+    return per_seed

@@ -45,7 +45,7 @@ MAY_CHANGE_ON_RESUME = frozenset({"epochs", "patience", "progress", "device", "b
 NOT_IDENTITY = MAY_CHANGE_ON_RESUME | {"out"}
 DERIVED = ("labels_sha256", "task_sha256", "features_fingerprint")
 RUN_OUTPUTS = ("config.yaml", RUN_FILE, "metrics.json", "metrics.md", "evaluate", "heatmaps", "lr_search",
-               "lr_search.json")
+               "lr_search.json", "folds.csv", "predictions_oof.csv")
 
 
 # ---- paths -------------------------------------------------------------------------------------
@@ -102,6 +102,15 @@ def load_run_config(run: str | Path, require: tuple[str, ...] = PATH_KEYS, **giv
             raise WsiNcmiError(f"{cfg.labels}: not the label file this run was trained on (its sha256 differs "
                                f"from the one in {run / RUN_FILE}); pass --labels with the file to score against")
     return cfg
+
+
+def settings_folder(run: Path) -> Path:
+    """The folder whose config.yaml holds ``run``'s settings: itself, or for a fold folder of a
+    cross-validation run (``<run>/fold_<k>``, which has its own seeds but not its own settings) the run."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file() and run.name.startswith("fold_") and (run.parent / "config.yaml").is_file():
+        return run.parent
+    return run
 
 
 # ---- identity ----------------------------------------------------------------------------------
@@ -213,13 +222,14 @@ def _legacy_identity(out: Path) -> dict:
 
 
 def _work(out: Path) -> list[str]:
-    """What a folder holds that training would lose: 'seed 0 finished', 'seed 1 at epoch 3'."""
+    """What a folder holds that training would lose: 'seed_0 finished', 'fold_1/seed_0 started'."""
     said = []
-    for d in sorted(out.glob("seed_*")):
+    for d in sorted(out.glob("seed_*")) + sorted(out.glob("fold_*/seed_*")):
+        name = d.relative_to(out).as_posix()
         if (d / "metrics.json").exists():
-            said.append(f"{d.name} finished")
+            said.append(f"{name} finished")
         elif (d / "last.pt").exists():
-            said.append(f"{d.name} started")
+            said.append(f"{name} started")
     return said
 
 
@@ -231,8 +241,8 @@ def _remove_run(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    for d in out.glob("seed_*"):
-        if d.is_dir() and d.name[5:].isdigit():
+    for d in list(out.glob("seed_*")) + list(out.glob("fold_*")):
+        if d.is_dir() and d.name.split("_", 1)[1].isdigit():
             shutil.rmtree(d)
 
 

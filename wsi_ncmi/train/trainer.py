@@ -294,6 +294,7 @@ class Trainer:
         """Reload the best epoch (recorded in ``self.best``) and score every split."""
         st = load_checkpoint(self.out / "best.pt", self.device, self.model, self.objective)
         self.best["epoch"] = int(st["epoch"])
-        outs = {sp: self.forward_split(self.task.split(sp)) for sp in ("train", "val", "test") if self.task.split(sp)}
+        outs = {sp: self.forward_split(self.task.split(sp)) for sp in ("train", "val", "oof", "test")
+                if self.task.split(sp)}
         ref_val = outs.get("val", outs["train"])
         return self.score(outs, outs["train"], ref_val)

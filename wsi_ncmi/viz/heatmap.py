@@ -43,14 +43,14 @@ def save_heatmap(run: str | Path, slide: str, features: str | Path | None = None
     from wsi_ncmi.slides.tissue import read_thumbnail
     from wsi_ncmi.store.h5 import read_feature_file
     from wsi_ncmi.train.inference import load_run_model
-    from wsi_ncmi.train.runfolder import load_run_config
+    from wsi_ncmi.train.runfolder import load_run_config, settings_folder
 
     if kind not in KINDS:
         raise WsiNcmiError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
     if estimator not in ESTIMATORS:
         raise WsiNcmiError(f"--estimator {estimator}: choose one of {', '.join(ESTIMATORS)}")
     run = Path(run)
-    features = Path(features or load_run_config(run, require=()).features)
+    features = Path(features or load_run_config(settings_folder(run), require=()).features)
     sid = slide_id_for(slide) if Path(slide).suffix else slide
     h5 = features / f"{sid}.h5"
     if not h5.is_file():
