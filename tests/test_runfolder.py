@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -270,8 +271,12 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(trained, tmp_path, damage):
         data = b""
     elif damage == "truncated":
         data = data[: len(data) // 2]
-    else:                                            # 2 KB in the middle: torch.load alone would not notice
-        mid = len(data) // 2
+    else:              # 2 KB inside the largest tensor's bytes: torch.load alone would not notice
+        with zipfile.ZipFile(best) as z:
+            big = max(z.infolist(), key=lambda i: i.file_size)
+        off = big.header_offset
+        start = off + 30 + int.from_bytes(data[off + 26:off + 28], "little") + int.from_bytes(data[off + 28:off + 30], "little")
+        mid = start + big.file_size // 2 - 1024
         data[mid:mid + 2048] = np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes()
     best.write_bytes(bytes(data))
     rc, _, err = cli("evaluate", run)
