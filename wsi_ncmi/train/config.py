@@ -60,6 +60,7 @@ class TrainConfig:
     folds: int = 0                    # 0: the task's single split; K >= 2: K-fold cross-validation (tasks/folds.py)
     ncmi_space: str = "embedding"     # embedding (the method's) or logit
     ncmi_centroids: str = "alternating"
+    ncmi_means: str = "running"       # NCMI class means per epoch: running (the train pass) or exact (eval pass)
     ncmi_temperature: float | None = None
     ncmi_weight: float = 1.0          # for ce+ncmi
     mi_weight: float = 1.0            # mi: weight of the label-entropy term
@@ -82,6 +83,8 @@ class TrainConfig:
             raise WsiNcmiError(f"--model {self.model}: choose one of {', '.join(MODELS)}")
         if self.ncmi_space not in ("logit", "embedding"):
             raise WsiNcmiError(f"--ncmi-space {self.ncmi_space}: choose logit or embedding")
+        if self.ncmi_means not in ("exact", "running"):
+            raise WsiNcmiError(f"--ncmi-means {self.ncmi_means}: choose exact or running")
         if self.ncmi_centroids not in ("alternating", "fixed"):
             raise WsiNcmiError(f"--ncmi-centroids {self.ncmi_centroids}: choose alternating or fixed")
         if self.select_metric not in ("loss", "macro_f1", "auc", "balanced_accuracy", "accuracy"):

@@ -173,6 +173,8 @@ class Trainer:
             order = (order * 2)[:per * self.ddp.size][self.ddp.rank::self.ddp.size]
         bs = self.cfg.batch_size
         total, count = 0.0, 0
+        running = self.objective.predicts_by_centroid and self.cfg.ncmi_means == "running"
+        seen_p, seen_y = [], []
         bar = tqdm(range(0, len(order), bs), desc=f"seed {self.seed} epoch {epoch + 1}/{self.cfg.epochs}",
                    unit="step", leave=False, disable=None if self.cfg.progress else True)
         for start in bar:
@@ -202,6 +204,9 @@ class Trainer:
                 if self.ddp:
                     average_gradients(self.copt)
                 self.copt.step()
+            if running:   # this step's P, for the epoch's class means without a second pass
+                seen_p.append(p.detach().float().cpu())
+                seen_y.append(y.cpu())
             total += float(loss.detach()) * len(recs)
             count += len(recs)
             bar.set_postfix(loss=f"{total / count:.4f}")
@@ -210,6 +215,11 @@ class Trainer:
             sync_buffers(self.objective)
             sync_buffers(self.model)
             total, count = (sum(v) for v in zip(*gather(self.ddp, (total, count))))
+        if running:
+            parts = [(torch.cat(seen_p), torch.cat(seen_y))]
+            if self.ddp:
+                parts = gather(self.ddp, parts[0])
+            self.running_train = {"p": torch.cat([a for a, _ in parts]), "y": torch.cat([b for _, b in parts])}
         return total / max(count, 1)
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -246,8 +256,21 @@ class Trainer:
         r["metrics"].update(ncmi_value(o["p"], o["y"], C))
         return r
 
+    def train_reference(self) -> dict | None:
+        """The training outputs an epoch's NCMI class means come from (None for other losses).
+
+        ``--ncmi-means exact``: an eval-mode pass over the training set, the model as it is now.
+        ``running``: the P of each bag as the training pass met it (train mode, the model moving
+        through the epoch), saving that pass. The final scores always use the exact pass.
+        """
+        if not self.objective.predicts_by_centroid:
+            return None
+        if self.cfg.ncmi_means == "running" and getattr(self, "running_train", None) is not None:
+            return self.running_train
+        return self.forward_split(self.train_set)
+
     def evaluate_epoch(self) -> dict[str, dict]:
-        tr = self.forward_split(self.train_set) if self.objective.predicts_by_centroid else None
+        tr = self.train_reference()
         va = self.forward_split(self.val_set)
         return self.score({"val": va}, tr or va, va)
 
