@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from wsi_ncmi.device import resolve_device, resolve_precision
 from wsi_ncmi.distributed import finish, gather, world
 from wsi_ncmi.errors import SlideError, WsiNcmiError
 from wsi_ncmi.extract.config import ExtractConfig
@@ -38,26 +39,6 @@ from wsi_ncmi.store.h5 import FeatureWriter, parse_partial_name, read_attrs
 PLAN_THREADS = 2
 PLAN_LOOKAHEAD = 3   # slides planned (and locked) ahead of the readers: enough to hide planning,
                      # few enough that concurrent processes share the cohort
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WsiNcmiError(f"--device {name}: no CUDA GPU is visible; use --device cpu "
-                           "(or run the container with --gpus all)")
-    return dev
-
-
-def resolve_precision(requested: str, recommended: str, device: torch.device) -> str:
-    if requested != "auto":
-        p = requested
-    else:
-        p = recommended if device.type == "cuda" else "fp32"
-    if p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        p = "fp16"
-    return p
 
 
 def _clean_partials(partial_dir: Path) -> None:
