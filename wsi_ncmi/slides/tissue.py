@@ -153,9 +153,7 @@ def tissue_mask_for_slide(slide, mpp_mean: float, params: TissueParams = TissueP
     if remove_pen:
         ink = ink_mask(thumb, mask_mpp) & mask
         pen_fraction = float(ink.sum() / max(1, mask.sum()))
-        mask = mask & ~ink
-        if geojson is None:  # slivers of detected tissue left between strokes are not tissue
-            mask = _remove_small(mask, params.min_region_um2 / (mask_mpp * mask_mpp)).astype(bool)
+        mask = mask & ~ink   # no small-region pass after: tissue a stroke cut off is still tissue
     return TissueMask(mask=mask, scale_x=sx, scale_y=sy, threshold=thr, thumbnail=thumb, source=source,
                       pen_fraction=pen_fraction)
 
