@@ -20,12 +20,12 @@ import openslide
 from wsi_ncmi import __version__
 from wsi_ncmi.errors import SlideError
 from wsi_ncmi.extract.config import ExtractConfig
+from wsi_ncmi.slides.geojson import GeoJSONError
 from wsi_ncmi.slides.grid import PatchGrid, plan_grid
 from wsi_ncmi.slides.mpp import Mpp, resolve_mpp
 from wsi_ncmi.slides.open import background_color, level_downsamples, open_slide, slide_bounds, slide_id_for
-from wsi_ncmi.slides.rawjpeg import probe_raw_jpeg
-from wsi_ncmi.slides.geojson import GeoJSONError
 from wsi_ncmi.slides.pen import RULE as PEN_RULE
+from wsi_ncmi.slides.rawjpeg import probe_raw_jpeg
 from wsi_ncmi.slides.tissue import tissue_geojson, tissue_mask_for_slide
 
 
@@ -80,11 +80,8 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
         except openslide.OpenSlideError as exc:
             raise SlideError(path, "unreadable", f"read error while making the thumbnail ({exc}); "
                                                  "the file is damaged: copy or scan it again") from None
-        except (GeoJSONError, OSError) as exc:
-            if isinstance(exc, OSError) and geojson is None:
-                raise
-            raise SlideError(path, "bad-geojson", str(exc) if isinstance(exc, GeoJSONError) else
-                             f"{geojson}: cannot read ({exc}); fix its permissions or remove it") from None
+        except GeoJSONError as exc:
+            raise SlideError(path, "bad-geojson", str(exc)) from None
         grid = plan_grid(slide_bounds(slide), level_downsamples(slide), mpp, cfg.mpp, cfg.patch_size, tm,
                          cfg.min_tissue)
         w0, h0 = slide.dimensions

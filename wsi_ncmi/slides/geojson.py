@@ -74,7 +74,11 @@ def read_tissue_geojson(path: str | Path) -> tuple[list[list[np.ndarray]], str]:
     Each polygon is a list of rings (float arrays (n, 2), level-0 px): the outer ring, then holes.
     """
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise GeoJSONError(f"{path}: cannot read ({exc.strerror or exc}); fix its permissions or remove "
+                           "it to use tissue detection for this slide") from None
     digest = hashlib.sha256(data).hexdigest()
     try:
         obj = json.loads(data)
