@@ -181,6 +181,30 @@ def test_files_from_before_tissue_source_still_match(cmu_exported):
     assert res.returncode == 0 and _status(out)["cmu"][0] == "skipped", res.stdout
 
 
+def test_exports_edited_in_place_are_used_and_never_overwritten(cmu_exported):
+    """The QuPath round trip in one folder: ``--tissue-geojson <out>/tissue`` with the same --out."""
+    d, detected = cmu_exported
+    out = d / "inplace"
+    shutil.copytree(detected, out)
+    gj = out / "tissue" / "cmu.geojson"
+    args = ("extract", str(d / "slides"), "--out", str(out), "--tissue-geojson", str(out / "tissue"), *FAST)
+    res = run_cli(*args)       # the unedited export is the file's own mask: nothing to redo
+    assert res.returncode == 0 and _status(out)["cmu"][0] == "skipped", res.stdout + res.stderr
+    obj = json.loads(gj.read_text())
+    obj["features"][0]["properties"]["isLocked"] = True     # an edit, as QuPath saves it
+    gj.write_text(json.dumps(obj, indent=2))
+    edited = gj.read_bytes()
+    res = run_cli(*args)
+    st = _status(out)["cmu"]
+    assert res.returncode == 1 and st[1] == "settings-mismatch" and "tissue_source='detection'" in st[2]
+    (out / "cmu.h5").unlink()
+    res = run_cli(*args)
+    assert res.returncode == 0 and _status(out)["cmu"][0] == "done", res.stdout + res.stderr
+    assert gj.read_bytes() == edited                         # the input mask was not overwritten
+    attrs = read_feature_file(out / "cmu.h5", features=False).attrs
+    assert attrs["tissue_source"] == "geojson:" + hashlib.sha256(edited).hexdigest()
+
+
 # ---- --remove-pen on real H&E with marker strokes drawn over it --------------------------------
 #: transmittance of marker ink per RGB channel: ink over tissue multiplies its colour (Beer-Lambert)
 INK = {"green": (0.20, 0.65, 0.35), "blue": (0.15, 0.30, 0.80), "black": (0.15, 0.15, 0.15)}

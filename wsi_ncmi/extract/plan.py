@@ -20,7 +20,7 @@ import openslide
 from wsi_ncmi import __version__
 from wsi_ncmi.errors import SlideError
 from wsi_ncmi.extract.config import ExtractConfig
-from wsi_ncmi.slides.geojson import GeoJSONError
+from wsi_ncmi.slides.geojson import GeoJSONError, reads_back_exactly
 from wsi_ncmi.slides.grid import PatchGrid, plan_grid
 from wsi_ncmi.slides.mpp import Mpp, resolve_mpp
 from wsi_ncmi.slides.open import background_color, level_downsamples, open_slide, slide_bounds, slide_id_for
@@ -106,13 +106,17 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
                 reader, raw_page, reader_note = "raw-jpeg", level.page, ""
             else:
                 reader_note = why
+        export_obj = tissue_geojson(tm, sid)
+        exported = json.dumps(export_obj)
+        export_sha = (hashlib.sha256(exported.encode()).hexdigest()
+                      if reads_back_exactly(export_obj, tm.mask, tm.scale_x, tm.scale_y) else "")
         if cfg.thumbnails:
             from wsi_ncmi.viz.thumbnails import save_grid_thumbnail
 
             (out / "tissue").mkdir(exist_ok=True)
             export = out / "tissue" / f"{sid}.geojson"
             if not (geojson is not None and export.exists() and os.path.samefile(export, geojson)):
-                export.write_text(json.dumps(tissue_geojson(tm, sid)))   # never overwrite the input mask
+                export.write_text(exported)   # never overwrite the input mask
             save_grid_thumbnail(out / "thumbnails" / f"{sid}.png", tm, grid)
         st = path.stat()
         attrs = {
@@ -128,6 +132,9 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
             "tissue_source": tm.source, "tissue_geojson": str(geojson.resolve()) if geojson else "",
             "remove_pen": cfg.remove_pen, "pen_rule": PEN_RULE if cfg.remove_pen else "",
             "pen_fraction": tm.pen_fraction,
+            # set when the export reads back to this very mask: an unedited export passed back
+            # with --tissue-geojson is recognised by this hash and does not make the file stale
+            "tissue_export_sha256": export_sha,
             "grid_cells": grid.n_cells, "settings_fingerprint": settings_fingerprint(cfg, tm.source),
             "package": "wsi-ncmi", "package_version": __version__, "host": socket.gethostname(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),

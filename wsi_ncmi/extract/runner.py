@@ -66,6 +66,9 @@ def _existing_mismatch(h5: Path, fingerprint: str) -> str | None:
     old_d = old if isinstance(old, dict) else json.loads(old)
     new_d = json.loads(fingerprint)
     old_d = {**FINGERPRINT_DEFAULTS, **old_d}   # files from before a key existed had its default
+    export_sha = attrs.get("tissue_export_sha256")
+    if export_sha and new_d.get("tissue_source") == f"geojson:{export_sha}":
+        new_d["tissue_source"] = old_d["tissue_source"]   # the file's own unedited tissue export
     diff = [f"{k}={old_d.get(k)!r} (now {v!r})" for k, v in new_d.items() if old_d.get(k) != v]
     if not diff:
         return None

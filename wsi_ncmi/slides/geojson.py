@@ -91,6 +91,17 @@ def read_tissue_geojson(path: str | Path) -> tuple[list[list[np.ndarray]], str]:
     return polygons, digest
 
 
+def reads_back_exactly(obj: dict, mask: np.ndarray, scale_x: float, scale_y: float) -> bool:
+    """Whether ``obj`` (an export of ``mask``) rasterises back to ``mask`` pixel for pixel.
+
+    True for detected masks; False when the mask holds pieces thinner than the contour needs
+    (a lone pixel or a one-pixel line, which the export cannot draw as a polygon).
+    """
+    polygons: list[list[np.ndarray]] = []
+    _collect(obj, polygons, Path("<export>"), "the export")
+    return np.array_equal(rasterize_polygons(polygons, mask.shape, scale_x, scale_y), mask.astype(bool))
+
+
 def _collect(obj, out: list, path: Path, where: str) -> bool:
     """Append the polygons in ``obj`` to ``out``; False when ``obj`` only held area-less geometry."""
     if isinstance(obj, list):
