@@ -87,6 +87,14 @@ def test_malformed_geojson_is_one_line_naming_file_and_fix(tmp_path, text, says)
     assert says in msg and str(p) in msg and "QuPath" in msg and "\n" not in msg
 
 
+def test_polygons_outside_the_slide_are_an_error_naming_the_size(tmp_path):
+    from wsi_ncmi.slides.tissue import _mask_from_geojson
+
+    far = {"type": "Polygon", "coordinates": [[[9000, 9000], [9500, 9000], [9500, 9500], [9000, 9000]]]}
+    with pytest.raises(GeoJSONError, match=r"lie outside the slide \(800 x 500 level-0 px\)"):
+        _mask_from_geojson(_write(tmp_path, far), (50, 80), 10.0, 10.0, (800, 500))
+
+
 def test_random_masks_with_holes_round_trip_exactly(tmp_path):
     rng = np.random.default_rng(0)
     for _ in range(10):

@@ -25,6 +25,7 @@ from wsi_ncmi.errors import WsiNcmiError
 
 #: fractional bits of the vertices passed to OpenCV's fill (1/16 mask px)
 _SHIFT = 4
+_FAR = 1e7
 _AREAL = ("Polygon", "MultiPolygon")
 _NO_AREA = ("Point", "MultiPoint", "LineString", "MultiLineString")
 
@@ -165,7 +166,9 @@ def rasterize_polygons(polygons: list[list[np.ndarray]], shape: tuple[int, int],
     h, w = shape
     out = np.zeros((h, w), np.uint8)
     for rings in polygons:
-        pts = [np.round((r / (scale_x, scale_y) - 0.5) * (1 << _SHIFT)).astype(np.int64) for r in rings]
+        # vertices absurdly far outside (1e7 mask px) are pulled in so OpenCV's int32 cannot overflow
+        pts = [np.round(np.clip(r / (scale_x, scale_y) - 0.5, -_FAR, _FAR) * (1 << _SHIFT)).astype(np.int64)
+               for r in rings]
         lo = pts[0].min(axis=0) >> _SHIFT
         hi = (pts[0].max(axis=0) >> _SHIFT) + 2
         x0, y0 = max(0, int(lo[0])), max(0, int(lo[1]))
