@@ -87,6 +87,13 @@ def test_malformed_geojson_is_one_line_naming_file_and_fix(tmp_path, text, says)
     assert says in msg and str(p) in msg and "QuPath" in msg and "\n" not in msg
 
 
+def test_every_export_is_readable_even_of_speckled_masks(tmp_path):
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        p = _write(tmp_path, mask_to_geojson(rng.random((30, 40)) > 0.6, 7.0, 7.0, "x"))
+        read_tissue_geojson(p)     # lone pixels and one-pixel lines are left out, never written broken
+
+
 def test_polygons_outside_the_slide_are_an_error_naming_the_size(tmp_path):
     from wsi_ncmi.slides.tissue import _mask_from_geojson
 

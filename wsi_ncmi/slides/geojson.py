@@ -51,13 +51,16 @@ def mask_to_geojson(mask: np.ndarray, scale_x: float, scale_y: float, slide_id: 
         pts = [[round((float(p[0][0]) + 0.5) * scale_x, 1), round((float(p[0][1]) + 0.5) * scale_y, 1)] for p in c]
         return pts + [pts[0]]
 
+    def drawable(c) -> bool:   # what the reader accepts: 3 distinct points (lone pixels, lines are not)
+        return len(np.unique(c.reshape(-1, 2), axis=0)) >= 3
+
     for i, c in enumerate(contours):
-        if hier[i][3] != -1 or len(c) < 3:
+        if hier[i][3] != -1 or not drawable(c):
             continue
         rings = [ring(c)]
         child = hier[i][2]
         while child != -1:
-            if len(contours[child]) >= 3:
+            if drawable(contours[child]):
                 rings.append(ring(contours[child]))
             child = hier[child][0]
         features.append({
