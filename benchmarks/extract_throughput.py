@@ -38,7 +38,7 @@ from wsi_ncmi.encoders import create_encoder
 from wsi_ncmi.extract import ExtractConfig, run_extraction
 from wsi_ncmi.extract.dataset import make_task_loader, plan_tasks
 from wsi_ncmi.extract.plan import plan_slide
-from wsi_ncmi.extract.runner import resolve_device, resolve_precision
+from wsi_ncmi.device import resolve_device, resolve_precision
 from wsi_ncmi.slides.tiff_writer import write_tiled_tiff_streaming
 
 

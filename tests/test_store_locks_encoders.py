@@ -201,3 +201,36 @@ def test_config_file_and_flags(tmp_path):
         ExtractConfig.from_sources(str(p))
     with pytest.raises(WsiNcmiError, match="--shard"):
         ExtractConfig(shard="3/2").validate()
+
+
+# ---- module boundaries -------------------------------------------------------------------------
+def _imports(path) -> set:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_registry_and_device_do_not_pull_in_their_users():
+    """encoders/registry.py never imports encoders/model.py, not even lazily (one direction:
+    model -> registry), and the trainer takes device resolution from wsi_ncmi.device, not the
+    extraction runner."""
+    pkg = ROOT / "wsi_ncmi"
+    assert "wsi_ncmi.encoders.model" not in _imports(pkg / "encoders" / "registry.py")
+    assert "wsi_ncmi.encoders.registry" in _imports(pkg / "encoders" / "model.py")
+    for user in ("train/trainer.py", "extract/runner.py"):
+        assert "wsi_ncmi.device" in _imports(pkg / user)
+    assert "wsi_ncmi.extract.runner" not in _imports(pkg / "train" / "trainer.py")
+
+
+def test_device_resolution():
+    from wsi_ncmi.device import resolve_device, resolve_precision
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_precision("auto", "bf16", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", "bf16", torch.device("cpu")) == "fp16"
+    if not torch.cuda.is_available():
+        with pytest.raises(WsiNcmiError, match="no CUDA GPU is visible; use --device cpu"):
+            resolve_device("cuda:1")

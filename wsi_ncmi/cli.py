@@ -20,12 +20,14 @@ examples:
   wsi-ncmi extract slides/ --out features/ --encoder vit_small_patch16_224 --weights vit_s.pth
   wsi-ncmi extract rois/*.png --out features/ --slide-mpp 0.25      # plain images need an mpp
   wsi-ncmi extract slides/ --out features/ --shard 3/10             # job 3 of a 10-job array
+  wsi-ncmi extract slides/ --out features2/ --tissue-geojson masks/  # tissue from edited QuPath GeoJSON
+  wsi-ncmi extract slides/ --out features/ --remove-pen              # drop green/blue/black ink
   torchrun --nproc-per-node 4 -m wsi_ncmi extract slides/ --out features/   # 4 GPUs, one summary
 
 output (in --out):
   <slide_id>.h5            features (N, D) + coords (N, 2) level-0 px, CLAM/TRIDENT-compatible
   thumbnails/<id>.png      thumbnail with tissue outline and the kept patch grid
-  tissue/<id>.geojson      tissue contours in level-0 px (QuPath-importable)
+  tissue/<id>.geojson      tissue contours in level-0 px (QuPath-importable; edit, then --tissue-geojson)
   logs/extract-*.json      run summary: counts, failures with reasons, tiles/s
 
 Rerunning the same command only does the slides that are not finished. Several processes or
@@ -53,6 +55,11 @@ def _add_extract(sub) -> None:
     t.add_argument("--max-saturation", type=int, help="highest saturation threshold, 0-255 (default 45)")
     t.add_argument("--min-region-um2", type=float, help="drop tissue pieces smaller than this (default 20000)")
     t.add_argument("--max-hole-um2", type=float, help="fill holes smaller than this (default 20000)")
+    t.add_argument("--tissue-geojson", metavar="DIR",
+                   help="folder of <slide_id>.geojson tissue polygons (level-0 px, e.g. tissue/ exports edited "
+                        "in QuPath) used instead of detection; slides without a file are detected")
+    t.add_argument("--remove-pen", action="store_true", default=None,
+                   help="remove green, blue and black marker ink from the tissue mask (colour rule in README)")
     e = p.add_argument_group("encoder and hardware")
     e.add_argument("--encoder", help="registered name (see `wsi-ncmi encoders`) or any timm model (default resnet50_trunc)")
     e.add_argument("--weights", help="local weights file (.pth/.bin/.safetensors) instead of a download")

@@ -17,7 +17,7 @@ class SlideError(WsiNcmiError):
 
     Reason codes: ``empty-file``, ``unopenable``, ``unreadable``, ``missing-mpp``,
     ``implausible-mpp``, ``too-small``, ``no-tissue``, ``read-error``, ``overflow``,
-    ``settings-mismatch``.
+    ``settings-mismatch``, ``bad-geojson``.
     """
 
     def __init__(self, path: str, reason: str, message: str):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsi_ncmi.encoders.registry import EncoderSpec
+from wsi_ncmi.encoders.registry import EncoderSpec, get_spec
 from wsi_ncmi.errors import WsiNcmiError
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -187,3 +187,8 @@ class Encoder(nn.Module):
         with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = self.embed(x)
         return out.float()
+
+
+def create_encoder(name: str, weights: str | None = None, device="cpu", allow_random: bool = False) -> Encoder:
+    """Build the encoder ``name`` (registered, or any timm model) in eval mode on ``device``."""
+    return Encoder.build(get_spec(name), weights=weights, device=device, allow_random=allow_random)

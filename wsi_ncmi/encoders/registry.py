@@ -2,6 +2,10 @@
 
 Any timm model name that is not registered can be used as well (``--encoder vit_small_patch16_224
 --weights FILE``): its size, mean/std and input size are read from timm's pretrained config.
+
+This module only describes encoders; building one is ``encoders/model.py``'s job
+(``create_encoder``). The dependency runs one way (model -> registry): a spec can be looked up
+or registered without touching the model code, and no import cycle hides behind a lazy import.
 """
 
 from __future__ import annotations
@@ -86,10 +90,3 @@ def get_spec(name: str) -> EncoderSpec:
     size = int(getattr(cfg, "input_size", (3, 224, 224))[-1]) if cfg else 224
     return EncoderSpec(name=name, arch=name, dim=-1, hub=name, mean=mean, std=std, input_size=size,
                        resize_to=size, precision="bf16")
-
-
-def create_encoder(name: str, weights: str | None = None, device="cpu", allow_random: bool = False):
-    """Build the encoder ``name`` in eval mode on ``device`` (see ``Encoder``)."""
-    from wsi_ncmi.encoders.model import Encoder
-
-    return Encoder.build(get_spec(name), weights=weights, device=device, allow_random=allow_random)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 from wsi_ncmi.errors import WsiNcmiError
@@ -30,6 +31,8 @@ class ExtractConfig:
     max_saturation: int = 45
     min_region_um2: float = 20000.0
     max_hole_um2: float = 20000.0
+    tissue_geojson: str | None = None  # folder of <slide_id>.geojson tissue polygons used instead of detection
+    remove_pen: bool = False          # subtract green/blue/black marker ink from the tissue mask
     slide_mpp: float | None = None    # level-0 mpp for slides whose metadata has none
     mpp_csv: str | None = None        # slide_id,mpp per-slide overrides
     device: str = "auto"              # auto, cpu, cuda, cuda:1, ...
@@ -47,6 +50,13 @@ class ExtractConfig:
         return TissueParams(mask_mpp=self.tissue_mpp, min_saturation=self.min_saturation,
                             max_saturation=self.max_saturation, min_region_um2=self.min_region_um2,
                             max_hole_um2=self.max_hole_um2)
+
+    def geojson_for(self, slide_id: str) -> Path | None:
+        """This slide's tissue GeoJSON under ``--tissue-geojson``, or None (tissue detection)."""
+        if not self.tissue_geojson:
+            return None
+        p = Path(self.tissue_geojson) / f"{slide_id}.geojson"
+        return p if p.is_file() else None
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -74,6 +84,9 @@ class ExtractConfig:
             raise WsiNcmiError(f"--feature-dtype {self.feature_dtype}: choose float16 or float32")
         if self.batch_size < 0:
             raise WsiNcmiError("--batch-size must be positive (or 0 for auto)")
+        if self.tissue_geojson and not Path(self.tissue_geojson).is_dir():
+            raise WsiNcmiError(f"--tissue-geojson {self.tissue_geojson}: no such folder; pass the folder that "
+                               "holds <slide_id>.geojson files (e.g. edited exports from <out>/tissue)")
         self.shard_index  # noqa: B018  (validates)
         return self
 

@@ -6,6 +6,7 @@ before its first patch is found here and reported as a ``SlideError``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -19,9 +20,11 @@ import openslide
 from wsi_ncmi import __version__
 from wsi_ncmi.errors import SlideError
 from wsi_ncmi.extract.config import ExtractConfig
+from wsi_ncmi.slides.geojson import GeoJSONError, reads_back_exactly
 from wsi_ncmi.slides.grid import PatchGrid, plan_grid
 from wsi_ncmi.slides.mpp import Mpp, resolve_mpp
 from wsi_ncmi.slides.open import background_color, level_downsamples, open_slide, slide_bounds, slide_id_for
+from wsi_ncmi.slides.pen import RULE as PEN_RULE
 from wsi_ncmi.slides.rawjpeg import probe_raw_jpeg
 from wsi_ncmi.slides.tissue import tissue_geojson, tissue_mask_for_slide
 
@@ -40,13 +43,28 @@ class SlidePlan:
     background: tuple = (255, 255, 255)
 
 
-def settings_fingerprint(cfg: ExtractConfig) -> str:
-    """What makes two feature files of one slide comparable (not how fast they were made)."""
+#: fingerprint keys added after files were written without them, with the value those files had
+FINGERPRINT_DEFAULTS = {"remove_pen": False, "tissue_source": "detection"}
+
+
+def settings_fingerprint(cfg: ExtractConfig, tissue_source: str = "detection") -> str:
+    """What makes two feature files of one slide comparable (not how fast they were made).
+
+    ``tissue_source`` is per slide ("detection" or "geojson:<sha256>"), so a slide whose tissue
+    GeoJSON was edited after extraction no longer matches its old file.
+    """
     keys = ("encoder", "mpp", "patch_size", "min_tissue", "tissue_mpp", "min_saturation", "max_saturation",
-            "min_region_um2", "max_hole_um2")
+            "min_region_um2", "max_hole_um2", "remove_pen")
     d = {k: getattr(cfg, k) for k in keys}
     d["weights"] = Path(cfg.weights).name if cfg.weights else None
+    d["tissue_source"] = tissue_source
     return json.dumps(d, sort_keys=True)
+
+
+def tissue_source_for(cfg: ExtractConfig, slide_id: str) -> str:
+    """"geojson:<sha256>" when ``--tissue-geojson`` has a file for this slide, else "detection"."""
+    p = cfg.geojson_for(slide_id)
+    return "detection" if p is None else f"geojson:{hashlib.sha256(p.read_bytes()).hexdigest()}"
 
 
 def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) -> SlidePlan:
@@ -56,11 +74,14 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
     try:
         mpp = resolve_mpp(slide, path, sid, csv_mpp, cfg.slide_mpp)
         params = cfg.tissue_params()
+        geojson = cfg.geojson_for(sid)
         try:
-            tm = tissue_mask_for_slide(slide, mpp.mean, params)
+            tm = tissue_mask_for_slide(slide, mpp.mean, params, geojson, cfg.remove_pen)
         except openslide.OpenSlideError as exc:
             raise SlideError(path, "unreadable", f"read error while making the thumbnail ({exc}); "
                                                  "the file is damaged: copy or scan it again") from None
+        except GeoJSONError as exc:
+            raise SlideError(path, "bad-geojson", str(exc)) from None
         grid = plan_grid(slide_bounds(slide), level_downsamples(slide), mpp, cfg.mpp, cfg.patch_size, tm,
                          cfg.min_tissue)
         w0, h0 = slide.dimensions
@@ -68,6 +89,10 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
             raise SlideError(path, "too-small",
                              f"slide is {w0 * mpp.x:.0f} x {h0 * mpp.y:.0f} um, smaller than one patch "
                              f"({cfg.patch_size * cfg.mpp:.0f} um); lower --patch-size or --mpp")
+        if not tm.mask.any() and geojson is not None:
+            raise SlideError(path, "no-tissue", f"the polygons of {geojson} cover none of the slide"
+                                                f"{' once pen marks are removed' if tm.pen_fraction else ''}; "
+                                                "draw the tissue there or remove the file to use detection")
         if not tm.mask.any():
             raise SlideError(path, "no-tissue", f"no tissue found (saturation threshold {tm.threshold:.0f}); "
                                                 "check the slide, or lower --min-saturation")
@@ -81,11 +106,17 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
                 reader, raw_page, reader_note = "raw-jpeg", level.page, ""
             else:
                 reader_note = why
+        export_obj = tissue_geojson(tm, sid)
+        exported = json.dumps(export_obj)
+        export_sha = (hashlib.sha256(exported.encode()).hexdigest()
+                      if reads_back_exactly(export_obj, tm.mask, tm.scale_x, tm.scale_y) else "")
         if cfg.thumbnails:
             from wsi_ncmi.viz.thumbnails import save_grid_thumbnail
 
             (out / "tissue").mkdir(exist_ok=True)
-            (out / "tissue" / f"{sid}.geojson").write_text(json.dumps(tissue_geojson(tm, sid)))
+            export = out / "tissue" / f"{sid}.geojson"
+            if not (geojson is not None and export.exists() and os.path.samefile(export, geojson)):
+                export.write_text(exported)   # never overwrite the input mask
             save_grid_thumbnail(out / "thumbnails" / f"{sid}.png", tm, grid)
         st = path.stat()
         attrs = {
@@ -98,7 +129,13 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
             "read_level": grid.read_level, "read_downsample": grid.read_downsample,
             "reader": reader, "reader_note": reader_note,
             "tissue_method": params.to_dict(), "tissue_threshold": tm.threshold, "min_tissue": cfg.min_tissue,
-            "grid_cells": grid.n_cells, "settings_fingerprint": settings_fingerprint(cfg),
+            "tissue_source": tm.source, "tissue_geojson": str(geojson.resolve()) if geojson else "",
+            "remove_pen": cfg.remove_pen, "pen_rule": PEN_RULE if cfg.remove_pen else "",
+            "pen_fraction": tm.pen_fraction,
+            # set when the export reads back to this very mask: an unedited export passed back
+            # with --tissue-geojson is recognised by this hash and does not make the file stale
+            "tissue_export_sha256": export_sha,
+            "grid_cells": grid.n_cells, "settings_fingerprint": settings_fingerprint(cfg, tm.source),
             "package": "wsi-ncmi", "package_version": __version__, "host": socket.gethostname(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
         }

@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from wsi_ncmi.device import resolve_device, resolve_precision
 from wsi_ncmi.distributed import finish, gather, world
 from wsi_ncmi.errors import SlideError, WsiNcmiError
 from wsi_ncmi.extract.config import ExtractConfig
 from wsi_ncmi.extract.dataset import make_task_loader, plan_tasks
 from wsi_ncmi.extract.locks import HOST, SlideLock, _pid_alive
-from wsi_ncmi.extract.plan import SlidePlan, plan_slide, settings_fingerprint, tissue_fraction_dataset
+from wsi_ncmi.extract.plan import (FINGERPRINT_DEFAULTS, SlidePlan, plan_slide, settings_fingerprint,
+                                  tissue_fraction_dataset, tissue_source_for)
 from wsi_ncmi.extract.summary import RunSummary, SlideResult
 from wsi_ncmi.slides.mpp import load_mpp_csv
 from wsi_ncmi.slides.open import discover_slides, slide_id_for
@@ -38,26 +40,6 @@ from wsi_ncmi.store.h5 import FeatureWriter, parse_partial_name, read_attrs
 PLAN_THREADS = 2
 PLAN_LOOKAHEAD = 3   # slides planned (and locked) ahead of the readers: enough to hide planning,
                      # few enough that concurrent processes share the cohort
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WsiNcmiError(f"--device {name}: no CUDA GPU is visible; use --device cpu "
-                           "(or run the container with --gpus all)")
-    return dev
-
-
-def resolve_precision(requested: str, recommended: str, device: torch.device) -> str:
-    if requested != "auto":
-        p = requested
-    else:
-        p = recommended if device.type == "cuda" else "fp32"
-    if p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        p = "fp16"
-    return p
 
 
 def _clean_partials(partial_dir: Path) -> None:
@@ -83,6 +65,10 @@ def _existing_mismatch(h5: Path, fingerprint: str) -> str | None:
         return None  # a CLAM/TRIDENT file the user put there: never overwrite it
     old_d = old if isinstance(old, dict) else json.loads(old)
     new_d = json.loads(fingerprint)
+    old_d = {**FINGERPRINT_DEFAULTS, **old_d}   # files from before a key existed had its default
+    export_sha = attrs.get("tissue_export_sha256")
+    if export_sha and new_d.get("tissue_source") == f"geojson:{export_sha}":
+        new_d["tissue_source"] = old_d["tissue_source"]   # the file's own unedited tissue export
     diff = [f"{k}={old_d.get(k)!r} (now {v!r})" for k, v in new_d.items() if old_d.get(k) != v]
     if not diff:
         return None
@@ -361,12 +347,18 @@ def run_extraction(cfg: ExtractConfig, encoder=None) -> RunSummary:
     paths = w.share(shard_paths)
     summary = RunSummary(out=str(out), shard=cfg.shard + (f" rank {w.rank}/{w.size}" if w.distributed else ""))
     _clean_partials(out / ".partial")
-    fingerprint = settings_fingerprint(cfg)
     todo: list[Path] = []
     for p in paths:
         sid = slide_id_for(p)
         h5 = out / f"{sid}.h5"
         if h5.exists():
+            try:
+                fingerprint = settings_fingerprint(cfg, tissue_source_for(cfg, sid))
+            except OSError as exc:
+                summary.results.append(SlideResult(sid, str(p), "failed", "bad-geojson",
+                                                   f"{cfg.geojson_for(sid)}: cannot read ({exc}); fix its "
+                                                   "permissions or remove it"))
+                continue
             problem = _existing_mismatch(h5, fingerprint)
             if problem is None:
                 summary.results.append(SlideResult(sid, str(p), "skipped"))

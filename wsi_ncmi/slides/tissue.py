@@ -1,4 +1,4 @@
-"""Tissue detection on a low-resolution thumbnail, and its export as GeoJSON.
+"""Tissue detection on a low-resolution thumbnail, or a tissue GeoJSON in its place.
 
 Method (the CLAM/TRIDENT family, with sizes in microns so it behaves the same at any scan
 resolution): the HSV saturation channel of a thumbnail at ``mask_mpp`` um/px is median-blurred
@@ -6,18 +6,25 @@ and thresholded with Otsu's method, the threshold clamped to ``[min_saturation, 
 (Otsu alone splits an all-tissue ROI in two and finds "tissue" in an empty slide); near-black
 pixels (scanner borders, pen) are dropped; a closing joins nearby fragments; regions smaller than
 ``min_region_um2`` are removed and holes smaller than ``max_hole_um2`` are filled.
+
+A GeoJSON of tissue polygons (``slides/geojson.py``; our own export, edited in QuPath) may replace
+detection per slide, and marker ink (``slides/pen.py``) may be subtracted from either mask.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from wsi_ncmi.slides.geojson import (FIX, GeoJSONError, mask_to_geojson, polygons_bounds, rasterize_polygons,
+                                     read_tissue_geojson)
 from wsi_ncmi.slides.open import background_color, level_downsamples, rgba_to_rgb
+from wsi_ncmi.slides.pen import ink_mask
 
 
 @dataclass(frozen=True)
@@ -44,8 +51,10 @@ class TissueMask:
     mask: np.ndarray
     scale_x: float
     scale_y: float
-    threshold: float
+    threshold: float       # saturation threshold of detection (NaN for a GeoJSON mask)
     thumbnail: np.ndarray  # the RGB thumbnail the mask was computed on (for pictures)
+    source: str = "detection"   # or "geojson:<sha256 of the file>"
+    pen_fraction: float = 0.0   # fraction of the mask removed as marker ink (--remove-pen)
 
     @property
     def tissue_fraction(self) -> float:
@@ -124,38 +133,43 @@ def _remove_small(mask: np.ndarray, min_px: float, keep_border: bool = False) ->
     return keep[labels].astype(np.uint8)
 
 
-def tissue_mask_for_slide(slide, mpp_mean: float, params: TissueParams = TissueParams()) -> TissueMask:
+def tissue_mask_for_slide(slide, mpp_mean: float, params: TissueParams = TissueParams(),
+                          geojson: str | Path | None = None, remove_pen: bool = False) -> TissueMask:
+    """The tissue mask of a slide on the ``params.mask_mpp`` grid.
+
+    ``geojson``: a tissue GeoJSON (e.g. edited in QuPath) whose polygons replace detection; the
+    thumbnail is still read (pictures, ink). ``remove_pen``: subtract green/blue/black marker ink
+    (``slides/pen.py``) from either mask. Raises ``GeoJSONError`` for an unusable file.
+    """
     thumb, sx, sy = read_thumbnail(slide, mpp_mean, params.mask_mpp)
     mask_mpp = mpp_mean * (sx + sy) / 2.0
-    mask, thr = detect_tissue(thumb, mask_mpp, params)
-    return TissueMask(mask=mask, scale_x=sx, scale_y=sy, threshold=thr, thumbnail=thumb)
+    if geojson is None:
+        mask, thr = detect_tissue(thumb, mask_mpp, params)
+        source = "detection"
+    else:
+        mask, digest = _mask_from_geojson(Path(geojson), thumb.shape[:2], sx, sy, slide.dimensions)
+        thr, source = float("nan"), f"geojson:{digest}"
+    pen_fraction = 0.0
+    if remove_pen:
+        ink = ink_mask(thumb, mask_mpp) & mask
+        pen_fraction = float(ink.sum() / max(1, mask.sum()))
+        mask = mask & ~ink   # no small-region pass after: tissue a stroke cut off is still tissue
+    return TissueMask(mask=mask, scale_x=sx, scale_y=sy, threshold=thr, thumbnail=thumb, source=source,
+                      pen_fraction=pen_fraction)
+
+
+def _mask_from_geojson(path: Path, shape, sx: float, sy: float, dims) -> tuple[np.ndarray, str]:
+    polygons, digest = read_tissue_geojson(path)
+    mask = rasterize_polygons(polygons, shape, sx, sy)
+    if polygons and not mask.any():
+        x0, y0, x1, y1 = polygons_bounds(polygons)
+        w0, h0 = dims
+        if x1 < 0 or y1 < 0 or x0 > w0 or y0 > h0:
+            raise GeoJSONError(f"{path}: its polygons ({x0:.0f}-{x1:.0f} x {y0:.0f}-{y1:.0f}) lie outside the "
+                               f"slide ({w0} x {h0} level-0 px); {FIX}")
+    return mask, digest
 
 
 def tissue_geojson(tm: TissueMask, slide_id: str) -> dict:
     """Tissue outlines as a GeoJSON FeatureCollection in level-0 px (QuPath-importable)."""
-    contours, hierarchy = cv2.findContours(tm.mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    features = []
-    if hierarchy is not None:
-        hier = hierarchy[0]
-
-        def ring(c):
-            pts = [[round((float(p[0][0]) + 0.5) * tm.scale_x, 1), round((float(p[0][1]) + 0.5) * tm.scale_y, 1)]
-                   for p in c]
-            return pts + [pts[0]]
-
-        for i, c in enumerate(contours):
-            if hier[i][3] != -1 or len(c) < 3:
-                continue
-            rings = [ring(c)]
-            child = hier[i][2]
-            while child != -1:
-                if len(contours[child]) >= 3:
-                    rings.append(ring(contours[child]))
-                child = hier[child][0]
-            features.append({
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": rings},
-                "properties": {"objectType": "annotation", "classification": {"name": "Tissue"},
-                               "slide_id": slide_id},
-            })
-    return {"type": "FeatureCollection", "features": features}
+    return mask_to_geojson(tm.mask, tm.scale_x, tm.scale_y, slide_id)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from wsi_ncmi.device import resolve_device
 from wsi_ncmi.distributed import World, gather
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.losses import create_objective, ncmi_value
@@ -58,8 +59,6 @@ def improves(new: list[float], best) -> bool:
 
 
 def resolve_train_device(cfg: TrainConfig) -> tuple[torch.device, str]:
-    from wsi_ncmi.extract.runner import resolve_device
-
     dev = resolve_device(cfg.device)
     prec = cfg.precision if cfg.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     return dev, prec
