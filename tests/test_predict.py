@@ -170,3 +170,14 @@ def test_paint_averages_overlapping_patches():
     assert heat[0, 0] == 1.0 and heat[0, 2] == 2.0 and heat[0, 5] == 3.0 and heat.mask.sum() == 0
     empty = paint((4, 6), np.array([[0, 0]]), (2.0, 2.0), (1.0, 1.0), np.array([5.0]))
     assert empty.mask[3, 5] and empty[1, 1] == 5.0
+
+
+def test_camelyon17_patients_with_five_nodes_get_a_pn_stage():
+    from wsi_ncmi.predict.runner import _pn_stages
+
+    preds = ["negative", "itc", "macro", "micro", "negative"]
+    rows = [{"slide_id": f"patient_020_node_{k}", "pred": p} for k, p in enumerate(preds)]
+    rows += [{"slide_id": f"patient_021_node_{k}", "pred": "macro"} for k in range(4)] + [{"slide_id": "x", "pred": "itc"}]
+    _pn_stages(rows, ["negative", "itc", "micro", "macro"])
+    assert {r["pn_stage"] for r in rows[:5]} == {"pN1"} and rows[0]["patient"] == "patient_020"
+    assert all(r["pn_stage"] == "" for r in rows[5:]) and rows[-1]["patient"] == ""

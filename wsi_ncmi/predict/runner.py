@@ -77,7 +77,7 @@ def _check_given(files: list[Path], prov: dict | None, result: PredictResult) ->
     if prov is None and files:
         result.notes.append("the run's features record no extraction settings: the given feature files could not be "
                             "checked against them")
-    keep = []
+    keep, unchecked = [], 0
     for f in files:
         try:
             attrs = read_attrs(f)
@@ -86,12 +86,16 @@ def _check_given(files: list[Path], prov: dict | None, result: PredictResult) ->
                                                                           "extract the slide again"))
             continue
         diff = difference(attrs, prov) if prov is not None else None
+        unchecked += prov is not None and not attrs.get("settings_fingerprint")
         if diff:
             result.failures.append(Failure(f.stem, str(f), "settings-mismatch",
                                            f"{f}: extracted with other settings than the run's features: {diff}; "
                                            "pass the slide itself (it is extracted with the run's settings)"))
         else:
             keep.append(f)
+    if unchecked:
+        result.notes.append(f"{unchecked} feature file(s) record no extraction settings (CLAM/TRIDENT files): scored "
+                            "without checking them against the run's")
     return keep
 
 
