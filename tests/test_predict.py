@@ -106,7 +106,7 @@ def test_moved_and_damaged_slides_are_named_and_skipped(trained, tmp_path, opens
                  "--out", str(tmp_path / "p"), "-q")
     assert rc.returncode == 1, rc.stderr
     assert f"FAILED [missing] {moved}: no such file or folder" in rc.stdout, rc.stdout
-    assert "FAILED [" in rc.stdout and "unreadable.svs" in rc.stdout.split("[missing]")[0] + rc.stdout, rc.stdout
+    assert f"FAILED [unreadable] {bad}: read error" in rc.stdout and "copy or scan it again" in rc.stdout, rc.stdout
     assert sum(line.startswith("  FAILED") for line in rc.stdout.splitlines()) == 2, rc.stdout
     assert list(_rows(tmp_path / "p" / "predictions.csv")) == ["s6"]
     failures = json.loads((tmp_path / "p" / "predict.json").read_text())["failures"]

@@ -188,6 +188,7 @@ def _add_train(sub) -> None:
     e.add_argument("--features", help="features to score on (default: the run's own)")
     e.add_argument("--labels", help="label file (default: the run's own; for a moved run or corrected labels)")
     e.add_argument("--slides", help="BRACS_WSI folder (default: the run's own)")
+    _add_predict(sub)
     h = sub.add_parser("heatmap", help="attention or information heatmap of a slide under a trained run",
                        description="Draw a trained model's view of one slide over its thumbnail. --kind attention: "
                                    "attention rank per patch. --kind info: attention beside the per-patch pointwise "
@@ -341,7 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     _add_extract(sub)
     _add_train(sub)
-    _add_predict(sub)
     i = sub.add_parser("info", help="levels, mpp and whether extraction would succeed, per slide")
     i.add_argument("slides", nargs="+")
     i.add_argument("--mpp", type=float, default=0.5, help="target mpp to check (default 0.5)")

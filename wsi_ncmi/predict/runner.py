@@ -58,6 +58,10 @@ def _extract(run: Path, slides: list[str], out: Path, prov: dict | None, weights
     prov = require_provenance(run, prov)
     cfg = extract_config(prov, slides, out / "features", weights, device, progress)
     summary = run_extraction(cfg, build_encoder(cfg, prov))
+    if summary.count("done") and prov.get("precision") and summary.precision != prov["precision"]:
+        result.notes.append(f"the run's features were computed in {prov['precision']}, these in {summary.precision} "
+                            f"(on {summary.device}): class probabilities may differ from the same slide's in training "
+                            "in the third decimal")
     ready = []
     for r in summary.results:
         if r.status in ("done", "skipped"):
