@@ -181,3 +181,26 @@ def test_camelyon17_patients_with_five_nodes_get_a_pn_stage():
     _pn_stages(rows, ["negative", "itc", "micro", "macro"])
     assert {r["pn_stage"] for r in rows[:5]} == {"pN1"} and rows[0]["patient"] == "patient_020"
     assert all(r["pn_stage"] == "" for r in rows[5:]) and rows[-1]["patient"] == ""
+
+
+def test_fold_members_are_scored_too(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    (run / "fold_1").mkdir()
+    shutil.move(run / "seed_1", run / "fold_1" / "seed_1")        # a cross-validated run's layout
+    shutil.copy(run / "metrics.json", run / "fold_1" / "metrics.json")
+    res = run_predict(run, [str(trained / "features" / "s6.h5")], tmp_path / "p", progress=False)
+    assert res.members == ["seed_0", "fold_1/seed_1"]
+    r = _rows(tmp_path / "p" / "predictions.csv")["s6"]
+    ev = _evaluated(trained / "run")["s6"]
+    assert np.allclose([float(r[f"fold_1/seed_1/p_{c}"]) for c in CLASSES], ev[1], atol=1e-6)
+
+
+def test_shifted_grids_without_a_tissue_mask_keep_patches_half_on_stored_ones():
+    from wsi_ncmi.predict.shifted import shifted_grids, shifts_per_axis
+
+    g = shifted_grids(np.array([[0, 0], [100, 0]]), (0, 0, 400, 400), (100.0, 100.0), 2)
+    assert g[(1, 0)].tolist() == [[50, 0], [150, 0]]
+    assert g[(0, 1)].tolist() == [[0, 50], [100, 50]]
+    assert g[(1, 1)].tolist() == [[50, 50]]
+    assert [shifts_per_axis(o) for o in (0, 0.5, 0.75, 0.8)] == [1, 2, 4, 5]

@@ -6,9 +6,13 @@ patch. With ``--overlap o`` the grid is shifted by ``stride = patch * (1 - o)`` 
 as a whole by the model (attention is relative to the bag, so bags are never merged), and the
 picture averages every patch covering a pixel.
 
-Which shifted patches exist: those lying at least half on the slide's stored patches. The stored
-grid already is the tissue filter of the run (whatever tissue method made it), so the finer map
-covers exactly the tissue of the plain one, and no tissue detection is repeated.
+Which shifted patches exist: those extraction would have kept had its grid started there. The
+tissue mask is made again with the parameters recorded in the feature file and each shifted grid is
+laid by the extraction's own ``plan_grid`` (same ``min_tissue``), so a shifted bag holds patches of
+the kind the model was trained on; patches mostly on background, which a model never saw, would
+otherwise draw attention at the tissue edge. A tissue mask made some other way (not recorded as
+the built-in method) falls back to the stored grid itself as the mask: shifted patches lying at
+least half on stored patches.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def shifts_per_axis(overlap: float) -> int:
 
 def shifted_grids(coords: np.ndarray, bounds: tuple[int, int, int, int], extent: tuple[float, float],
                   n: int) -> dict[tuple[int, int], np.ndarray]:
-    """Level-0 coords of each shifted grid (i, j) != (0, 0), kept where at least half on stored patches."""
+    """Level-0 coords of each shifted grid (i, j) != (0, 0), kept where at least half on stored patches
+    (the fallback for tissue masks that cannot be made again)."""
     bx, by, bw, bh = bounds
     ex, ey = extent
     c = np.asarray(coords, np.int64)
@@ -75,6 +80,36 @@ def shifted_grids(coords: np.ndarray, bounds: tuple[int, int, int, int], extent:
     return out
 
 
+def tissue_grids(slide, attrs: dict, n: int) -> dict[tuple[int, int], np.ndarray] | None:
+    """The shifted grids by the extraction's rule, or None when its tissue mask cannot be remade."""
+    from wsi_ncmi.slides.grid import plan_grid
+    from wsi_ncmi.slides.mpp import Mpp
+    from wsi_ncmi.slides.open import level_downsamples, slide_bounds
+    from wsi_ncmi.slides.tissue import TissueParams, tissue_mask_for_slide
+
+    method = attrs.get("tissue_method")
+    if not isinstance(method, dict) or method.get("method") != TissueParams().to_dict()["method"]:
+        return None
+    known = set(TissueParams().to_dict()) - {"method"}
+    try:
+        params = TissueParams(**{k: v for k, v in method.items() if k in known})
+        mpp = Mpp(float(attrs["mpp_x"]), float(attrs["mpp_y"]), "recorded")
+        target, size, min_tissue = float(attrs["target_mpp"]), int(attrs["patch_size"]), float(attrs["min_tissue"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    tm = tissue_mask_for_slide(slide, mpp.mean, params)
+    bx, by, bw, bh = slide_bounds(slide)
+    ex, ey = size * target / mpp.x, size * target / mpp.y
+    out = {}
+    for j in range(n):
+        for i in range(n):
+            if i or j:
+                dx, dy = int(round(i * ex / n)), int(round(j * ey / n))
+                out[(i, j)] = plan_grid((bx + dx, by + dy, bw - dx, bh - dy), level_downsamples(slide), mpp, target,
+                                        size, tm, min_tissue).coords
+    return out
+
+
 @torch.no_grad()
 def extract_shifted(slide_path: str | Path, attrs: dict, coords: np.ndarray, encoder, overlap: float,
                     batch: int = 32) -> list[ShiftedBag]:
@@ -99,7 +134,9 @@ def extract_shifted(slide_path: str | Path, attrs: dict, coords: np.ndarray, enc
         else "fp32"
     slide = open_slide(slide_path)
     try:
-        grids = shifted_grids(coords, slide_bounds(slide), (ex, ey), n)
+        grids = tissue_grids(slide, attrs, n)
+        if grids is None:
+            grids = shifted_grids(coords, slide_bounds(slide), (ex, ey), n)
         if attrs.get("read_level") not in (None, "") and attrs.get("read_downsample"):
             level, ds = int(attrs["read_level"]), float(attrs["read_downsample"])   # the level extraction read
         else:
