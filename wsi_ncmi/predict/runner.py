@@ -50,14 +50,34 @@ class PredictResult:
         return "\n".join(lines)
 
 
-def _extract(run: Path, slides: list[str], out: Path, prov: dict | None, weights, device, progress, result):
+class _Encoder:
+    """The run's encoder, built once on first use (extraction and --overlap share it)."""
+
+    def __init__(self, run: Path, prov: dict | None, out: Path, weights, device):
+        self.run, self.prov, self.out, self.weights, self.device = run, prov, out, weights, device
+        self.enc = None
+
+    def config(self, slides: list[str], progress: bool):
+        from wsi_ncmi.predict.settings import extract_config, require_provenance
+
+        prov = require_provenance(self.run, self.prov)
+        return extract_config(prov, slides, self.out / "features", self.weights, self.device, progress)
+
+    def __call__(self):
+        from wsi_ncmi.predict.settings import build_encoder
+
+        if self.enc is None:
+            self.enc = build_encoder(self.config([], False), self.prov)
+        return self.enc
+
+
+def _extract(slides: list[str], encoder: _Encoder, progress: bool, result: PredictResult) -> list[Path]:
     """Extract ``slides`` into ``out/features``; feature files of the slides that are ready."""
     from wsi_ncmi.extract.runner import run_extraction
-    from wsi_ncmi.predict.settings import build_encoder, extract_config, require_provenance
 
-    prov = require_provenance(run, prov)
-    cfg = extract_config(prov, slides, out / "features", weights, device, progress)
-    summary = run_extraction(cfg, build_encoder(cfg, prov))
+    cfg = encoder.config(slides, progress)
+    prov = encoder.prov
+    summary = run_extraction(cfg, encoder())
     if summary.count("done") and prov.get("precision") and summary.precision != prov["precision"]:
         result.notes.append(f"the run's features were computed in {prov['precision']}, these in {summary.precision} "
                             f"(on {summary.device}): class probabilities may differ from the same slide's in training "
@@ -133,9 +153,9 @@ def run_predict(run: str | Path, inputs: list[str], out: str | Path, heatmaps: b
                 weights: str | None = None, device: str = "auto", progress: bool = True) -> PredictResult:
     from wsi_ncmi.predict.maps import heatmap_for_slide
     from wsi_ncmi.predict.members import load_members, score_bag
-    from wsi_ncmi.predict.settings import build_encoder, extract_config, require_provenance, run_provenance
+    from wsi_ncmi.predict.settings import run_provenance
     from wsi_ncmi.predict.shifted import shifts_per_axis
-    from wsi_ncmi.store.h5 import read_attrs, read_feature_file
+    from wsi_ncmi.store.h5 import read_feature_file
     from wsi_ncmi.train.runfolder import refuse_while_training
 
     run, out = Path(run), Path(out)
@@ -145,9 +165,18 @@ def run_predict(run: str | Path, inputs: list[str], out: str | Path, heatmaps: b
     given = sort_inputs(inputs)
     out.mkdir(parents=True, exist_ok=True)
     result = PredictResult(out, [], [], failures=list(given.failures))
+    encoder = _Encoder(run, prov, out, weights, device)
+    if heatmaps and overlap > 0:
+        encoder()                   # a missing --weights fails now, not after every slide was scored
     files = _check_given(given.features, prov, result)
     if given.slides:
-        files += _extract(run, given.slides, out, prov, weights, device, progress, result)
+        files += _extract(given.slides, encoder, progress, result)
+    seen: set[str] = set()
+    for f in list(files):
+        if f.stem in seen:          # a slide given twice (as a slide and in a features folder)
+            files.remove(f)
+            result.notes.append(f"{f}: slide '{f.stem}' was given twice; scored once")
+        seen.add(f.stem)
     if not files:
         raise WsiNcmiError(f"{', '.join(inputs)}: no slide could be scored"
                            + (f" ({result.failures[0].message}{' ...' if len(result.failures) > 1 else ''})"
@@ -184,15 +213,6 @@ def run_predict(run: str | Path, inputs: list[str], out: str | Path, heatmaps: b
         _pn_stages(result.rows, classes)
     _write_csv(out / "predictions.csv", result.rows, classes, result.members, staged)
     if heatmaps:
-        enc = {}
-
-        def encoder():
-            if "e" not in enc:
-                p = require_provenance(run, prov)
-                cfg = extract_config(p, [], out / "features", weights, device, progress=False)
-                enc["e"] = build_encoder(cfg, p)
-            return enc["e"]
-
         for sid, f in scored.items():
             png = out / "heatmaps" / f"{sid}.png"
             try:
