@@ -211,17 +211,21 @@ def _add_train(sub) -> None:
     e.add_argument("--features", help="features to score on (default: the run's own)")
     e.add_argument("--labels", help="label file (default: the run's own; for a moved run or corrected labels)")
     e.add_argument("--slides", help="BRACS_WSI folder (default: the run's own)")
+    _add_predict(sub)
     h = sub.add_parser("heatmap", help="attention or information heatmap of a slide under a trained run",
                        description="Draw a trained model's view of one slide over its thumbnail. --kind attention: "
                                    "attention rank per patch. --kind info: attention beside the per-patch pointwise "
                                    "mutual information with a class (infoCAM), estimated from the patch alone "
-                                   "(--estimator instance) or from the slide with the patch removed (removal).")
+                                   "(--estimator instance) or from the slide with the patch removed (removal). "
+                                   "Writes the PNG, a CSV and a GeoJSON of the per-patch values (QuPath detections "
+                                   "with measurements attention and information, level-0 px).",
+                       epilog=HEATMAP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     h.add_argument("run", help="run folder of `wsi-ncmi train`")
     h.add_argument("slide", help="slide file, or slide id (its path is read from the feature file)")
     h.add_argument("--features", help="extraction folder (default: the run's)")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--out", help="PNG path (default <run>/heatmaps/<slide_id>_seed<seed>[_info].png); "
-                                 "per-patch values go to the same name with .csv")
+                                 "per-patch values go to the same name with .csv and .geojson")
     h.add_argument("--kind", choices=("attention", "info"), default="attention", help="what to draw (default attention)")
     h.add_argument("--target-class", dest="target", help="class of the information map (default: the predicted one)")
     h.add_argument("--estimator", choices=("instance", "removal"), default="instance",
@@ -229,6 +233,7 @@ def _add_train(sub) -> None:
                         "log s(c|slide without the patch) (in context; one pass per patch)")
     h.add_argument("--max-evals", type=int, default=2048,
                    help="removal: at most this many removals; larger slides remove blocks of patches (default 2048)")
+    _add_overlap_flags(h)
     d = sub.add_parser("demo", help="build a CAMELYON-like demo cohort, extract, train NCMI and CE, report",
                        description="The whole pipeline on a built-in cohort of real-H&E slides with implanted "
                                    "lesions; runs on a CPU in minutes and is resumable.")
@@ -243,6 +248,66 @@ def _add_train(sub) -> None:
     k = sub.add_parser("pack", help="pack a folder of .h5 features into one zarr cohort cache")
     k.add_argument("features", help="folder of <slide_id>.h5 files")
     k.add_argument("out", nargs="?", help="output .zarr (default <features>/cohort.zarr)")
+
+
+PREDICT_EPILOG = """\
+examples:
+  wsi-ncmi predict runs/c17 new_slides/ --out predictions/            # slides: extracted as the run's were
+  wsi-ncmi predict runs/c17 features/ --out predictions/              # a features folder of the same settings
+  wsi-ncmi predict runs/c17 new_slides/ --out predictions/ --heatmaps --overlap 0.5
+
+output (in --out):
+  predictions.csv          slide_id, pred (class name), p_<class> (mean over the run's members),
+                           attention_entropy, patches, <member>/p_<class> per seed (fold_<k>/seed_<s>);
+                           CAMELYON-17 runs: patient and pN stage (patients with all five nodes)
+  features/<slide_id>.h5   features of the slides given, with the run's extraction settings
+  heatmaps/<slide_id>.png  with --heatmaps: attention and information, plus .csv and .geojson (QuPath)
+  predict.json             run, members, extraction settings, failures with reasons
+
+Slides that cannot be scored (moved, damaged, features of other settings) are listed with the
+reason and skipped; the exit status is then 1.
+"""
+
+HEATMAP_EPILOG = """\
+examples:
+  wsi-ncmi heatmap runs/c17 patient_081_node_1                        # attention (PNG + CSV + GeoJSON)
+  wsi-ncmi heatmap runs/c17 slides/patient_081_node_1.tif --kind info --overlap 0.75   # finer map
+"""
+
+
+def _add_overlap_flags(p) -> None:
+    p.add_argument("--overlap", type=float, default=0.0,
+                   help="finer maps: also embed the patch grid shifted by patch*(1-overlap) in x and y, on the fly "
+                        "(0.5: 4x the patches, 0.75: 16x; 1 - 1/n only); each pixel averages the patches covering "
+                        "it (default 0: the stored grid)")
+    p.add_argument("--weights", help="the encoder weights file of the run's features, when they were extracted "
+                                     "with --weights (checked against its recorded sha256)")
+    p.add_argument("--device", default="auto", help="encoder device: auto, cpu, cuda, cuda:1 (default auto)")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="score new slides (no labels) with every member of a trained run",
+                       description="Extract slides with the extraction settings recorded for the run's features "
+                                   "(encoder, weights, mpp, patch size, tissue parameters), score each with every "
+                                   "trained seed (and fold) of the run and write the ensemble-mean and per-member "
+                                   "class probabilities.",
+                       epilog=PREDICT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder of `wsi-ncmi train`")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="slide files, folders of slides, or a features folder / .h5 files of the run's settings")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--heatmaps", action="store_true", help="draw attention and information maps of every slide")
+    _add_overlap_flags(p)
+    p.add_argument("--quiet", "-q", dest="progress", action="store_false", default=True, help="no progress bars")
+
+
+def _cmd_predict(args) -> int:
+    from wsi_ncmi.predict.runner import run_predict
+
+    res = run_predict(args.run, args.inputs, args.out, args.heatmaps, args.overlap, args.weights, args.device,
+                      args.progress)
+    print(res.render())
+    return 1 if res.failures else 0
 
 
 def _cmd_train(args) -> int:
@@ -262,10 +327,11 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_heatmap(args) -> int:
-    from wsi_ncmi.viz.heatmap import save_heatmap
+    from wsi_ncmi.predict.heatmap import save_heatmap
 
-    print(save_heatmap(args.run, args.slide, args.features, args.seed, args.out, args.kind, args.target,
-                       args.estimator, args.max_evals))
+    png, n, secs = save_heatmap(args.run, args.slide, args.features, args.seed, args.out, args.kind, args.target,
+                                args.estimator, args.max_evals, args.overlap, args.weights, args.device)
+    print(f"heatmap: {n} patches in {secs:.1f} s -> {png} (+ .csv, .geojson)")
     return 0
 
 
@@ -312,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"extract": _cmd_extract, "info": _cmd_info, "encoders": _cmd_encoders, "train": _cmd_train,
-            "evaluate": _cmd_evaluate, "pack": _cmd_pack, "heatmap": _cmd_heatmap, "demo": _cmd_demo,
+            "evaluate": _cmd_evaluate, "predict": _cmd_predict, "pack": _cmd_pack, "heatmap": _cmd_heatmap, "demo": _cmd_demo,
             "report": _cmd_report}
 
 

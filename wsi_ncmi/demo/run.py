@@ -24,7 +24,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre: int = 2, no
     from wsi_ncmi.extract import ExtractConfig, run_extraction
     from wsi_ncmi.train.config import TrainConfig
     from wsi_ncmi.train.run import run_training
-    from wsi_ncmi.viz.heatmap import save_heatmap
+    from wsi_ncmi.predict.heatmap import save_heatmap
 
     out = Path(out)
     print(f"[1/4] building the demo cohort in {out / 'slides'} (real H&E, implanted lesions, 5 centres)", flush=True)
@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre: int = 2, no
     for s in (p for p in picks if p):
         for loss in losses:
             heatmaps.append(save_heatmap(out / "runs" / loss, s["path"], out / "features", 0,
-                                         out / "runs" / loss / "heatmaps" / f"{s['slide_id']}.png", kind="info"))
+                                         out / "runs" / loss / "heatmaps" / f"{s['slide_id']}.png", kind="info")[0])
     table = comparison_table(results, seeds)
     report = out / "report.md"
     report.write_text(_report(out, table, results, heatmaps, ex))

@@ -41,6 +41,12 @@ def pn_stage(node_labels: list[str | int]) -> str:
     return "pN0"
 
 
+def node_of(slide_id: str) -> tuple[str, int] | None:
+    """(patient, node) of a CAMELYON-17 node slide id (``patient_004_node_4`` -> ("patient_004", 4)), else None."""
+    m = _NODE.match(slide_id)
+    return (f"patient_{int(m.group(2)):03d}", int(m.group(3))) if m else None
+
+
 def load_camelyon17(labels: str | Path, val_fraction: float = 0.1, split_seed: int = 0) -> Task:
     path = Path(labels)
     if not path.is_file():

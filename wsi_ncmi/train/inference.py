@@ -46,23 +46,43 @@ class RunModel:
 
 
 def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
+    """The model of ``<run>/seed_<seed>``."""
+    return load_member_model(run, Path(run) / f"seed_{seed}", in_dim)
+
+
+def _aggregate_record(run: Path, member: Path) -> dict:
+    """Classes and training counts of a member: its fold's ``metrics.json`` (cross-validation runs
+    train each fold on other slides), else the run's."""
+    for d in ([member.parent] if member.parent != run else []) + [run]:
+        f = d / "metrics.json"
+        if f.is_file():
+            agg = json.loads(f.read_text())
+            if "classes" in agg and "counts" in agg:
+                return agg
+    raise WsiNcmiError(f"{run}: training has not finished (no metrics.json); finish it with `wsi-ncmi train ... --resume`")
+
+
+def load_member_model(run: str | Path, member: str | Path, in_dim: int) -> RunModel:
+    """The model of one trained member of a run: a seed folder (``seed_<s>``, or ``fold_<k>/seed_<s>``).
+
+    Why one loader: ``evaluate``, ``heatmap`` and ``predict`` must score a slide exactly as
+    training did, by the member's own ``scoring.pt``.
+    """
     from wsi_ncmi.mil.models import create_mil_model
 
     from wsi_ncmi.train.runfolder import settings_folder
 
-    run = Path(run)
+    run, member = Path(run), Path(member)
     if not (settings_folder(run) / "config.yaml").is_file():
         raise WsiNcmiError(f"{run}: not a training run folder (no config.yaml); pass the --out of `wsi-ncmi train`")
     cfg = TrainConfig.from_sources(str(settings_folder(run) / "config.yaml"))
-    ckpt = run / f"seed_{seed}" / "best.pt"
-    if cfg.folds and not run.name.startswith("fold_"):
+    ckpt = member / "best.pt"
+    if cfg.folds and member.parent == run and not run.name.startswith("fold_"):
         raise WsiNcmiError(f"{run}: a {cfg.folds}-fold cross-validation run, one model per fold; pass a fold folder "
                            f"such as {run / 'fold_0'}")
     if not ckpt.is_file():
         raise WsiNcmiError(f"{ckpt}: no checkpoint; train the run first (or pick --seed)")
-    if not (run / "metrics.json").is_file():
-        raise WsiNcmiError(f"{run}: training has not finished (no metrics.json); finish it with `wsi-ncmi train ... --resume`")
-    agg = json.loads((run / "metrics.json").read_text())
+    agg = _aggregate_record(run, member)
     classes = agg["classes"]
     st = load_checkpoint(ckpt)
     C = len(classes)
@@ -75,7 +95,7 @@ def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
     model.eval()
     objective.eval()
     priors = class_priors(agg["counts"]["train"], C, counts=True)
-    sc = run / f"seed_{seed}" / "scoring.pt"
+    sc = member / "scoring.pt"
     if sc.is_file():
         scorer = Scorer.from_state(load_checkpoint(sc))
     elif objective.predicts_by_centroid:

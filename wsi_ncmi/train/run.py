@@ -3,6 +3,7 @@
 Run folder::
 
     config.yaml                   resolved settings (absolute paths)
+    features.json                 extraction settings of the features (what `predict` extracts with)
     run.json, .train.lock         identity of the run, lock while training (see runfolder.py)
     seed_<s>/best.pt, last.pt     checkpoints (best on validation; last for --resume)
     seed_<s>/history.csv          per-epoch loss, validation metrics and NCMI diagnostics
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from wsi_ncmi.distributed import finish, gather, start, world
 from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.store.provenance import write_run_provenance
 from wsi_ncmi.tasks import load_task, pn_stage
 from wsi_ncmi.tasks.base import Task
 from wsi_ncmi.train.checkpoint import save_checkpoint
@@ -224,6 +226,7 @@ def run_training(cfg: TrainConfig) -> dict:
     open_run(cfg, task, store, w)   # identity check, lock, run.json: before anything is written
     if w.is_main:
         cfg.save(out / "config.yaml")
+        write_run_provenance(out, cfg.features, [s.slide_id for s in task.slides])   # what `predict` extracts with
         if note := padding_warning(cfg, task, store):
             print(note, flush=True)
         mode = (f"; {w.size} ranks, data-parallel" if ddp else f"; {w.size} ranks, seeds in parallel") \

@@ -45,7 +45,7 @@ MAY_CHANGE_ON_RESUME = frozenset({"epochs", "patience", "progress", "device", "b
 NOT_IDENTITY = MAY_CHANGE_ON_RESUME | {"out"}
 DERIVED = ("labels_sha256", "task_sha256", "features_fingerprint")
 RUN_OUTPUTS = ("config.yaml", RUN_FILE, "metrics.json", "metrics.md", "evaluate", "heatmaps", "lr_search",
-               "lr_search.json", "folds.csv", "predictions_oof.csv")
+               "lr_search.json", "folds.csv", "predictions_oof.csv", "features.json")
 
 
 # ---- paths -------------------------------------------------------------------------------------
