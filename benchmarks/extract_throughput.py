@@ -22,8 +22,9 @@ bundled weights are timed with random weights (``--random-weights``), which cost
 Read-only is measured ``--repeats`` times per reader, alternating, and the best run counts: on a
 machine shared with other jobs a single one-second read is mostly noise.
 
-``--compile``: encode-only is measured eager and then compiled (``torch.compile``; channels-last for
-CNNs), with the compile time of the first batch and the largest difference to the eager features;
+``--compile``: encode-only is measured eager and compiled (``torch.compile``; channels-last for CNNs),
+batch for batch alternating, with the compile time of the first batch and the largest difference
+to the eager features;
 the end-to-end run then uses the compiled encoder. ``--encode-only`` skips the slide, the reads and
 the end-to-end run (e.g. to time ``--compile`` for several encoders).
 """
@@ -121,21 +122,36 @@ def bench_encode(encoder, device, precision: str, batch: int, patch: int, n_tile
 
 
 def bench_compile(encoder, device, precision: str, batch: int, patch: int, n_tiles: int) -> dict:
-    """Encode-only eager, then compiled: tiles/s of both, first-batch compile seconds, max |difference|."""
+    """Encode-only eager vs compiled: tiles/s of both, first-batch compile seconds, max |difference|.
+
+    ``encoder`` is compiled in place; an eager copy runs beside it, batch for batch alternating, so
+    that a machine shared with other jobs loads both alike.
+    """
+    import copy
+
     x = torch.randint(0, 255, (batch, patch, patch, 3), dtype=torch.uint8, device=device,
                       generator=torch.Generator(device).manual_seed(0))
-    eager_out = encoder(x, precision)
-    n, t = bench_encode(encoder, device, precision, batch, patch, n_tiles, warmup=1)
-    state = encoder.use_compile()
+    eager = copy.deepcopy(encoder)
+    eager_out = eager(x, precision)
+    encoder.use_compile()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     comp_out = encoder(x, precision)   # compiles
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     t_compile = time.perf_counter() - t0
-    nc, tc = bench_encode(encoder, device, precision, batch, patch, n_tiles, warmup=1)
-    scale = float(eager_out.abs().max())
-    return {"eager": n / t, "compiled": nc / tc, "compile_s": t_compile, "state": encoder.compile_state or state,
-            "max_abs_diff": float((comp_out - eager_out).abs().max()), "scale": scale}
+    encoder(x, precision)
+    steps = max(1, n_tiles // batch)
+    spent = {"eager": 0.0, "compiled": 0.0}
+    for _ in range(steps):
+        for name, enc in (("eager", eager), ("compiled", encoder)):
+            sync()
+            t0 = time.perf_counter()
+            enc(x, precision)
+            sync()
+            spent[name] += time.perf_counter() - t0
+    return {"eager": steps * batch / spent["eager"], "compiled": steps * batch / spent["compiled"],
+            "compile_s": t_compile, "state": encoder.compile_state,
+            "max_abs_diff": float((comp_out - eager_out).abs().max()), "scale": float(eager_out.abs().max())}
 
 
 def print_compile(name: str, precision: str, batch: int, c: dict) -> None:
