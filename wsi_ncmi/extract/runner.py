@@ -322,6 +322,7 @@ class _Extraction:
                 self._write(pending[0], pending[1], pending[2].numpy())
                 pending = None
         finally:
+            self.summary.compile = self.encoder.compile_state   # "eager (...)" if compiling failed
             self.stop.set()
             feeder.join(timeout=30)
             with self.guard:
