@@ -68,8 +68,8 @@ def _add_extract(sub) -> None:
                    help="torch.compile the encoder (TorchInductor; CNNs also in channels-last memory format). "
                         "auto (default): on on a GPU, off on a CPU. On a CPU, compiling takes 1-1.5 minutes per "
                         "model and process before the first batch (2 cores; less when TorchInductor's cache "
-                        "already holds the model). A short run does not earn that back, and ViTs run only "
-                        "~10%% faster on a CPU (CNNs 1.5-1.9x). Features equal eager ones within float "
+                        "already holds the model). A short run does not earn that back, and on a CPU ViTs run "
+                        "at most ~10%% faster (CNNs 1.4-1.5x). Features equal eager ones within float "
                         "tolerance. The file records the setting; it is not part of the settings fingerprint. "
                         "Falls back to eager, with one warning line, where no compiler is available. "
                         "--compile alone = on")
