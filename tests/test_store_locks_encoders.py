@@ -104,7 +104,9 @@ def test_lock_of_other_host_is_stale_only_after_silence(tmp_path):
 PUBLISHED_DIMS = {"resnet50_trunc": 1024, "efficientnet_lite0": 1280, "uni": 1024, "uni2_h": 1536,
                   "virchow2": 2560, "h_optimus_0": 1536, "gigapath": 1536,
                   # issue #16: H-optimus-1 and Virchow through timm; Phikon-v2, Hibou-L, Midnight-12k through transformers
-                  "h_optimus_1": 1536, "virchow": 2560, "phikon_v2": 1024, "hibou_l": 1024, "midnight_12k": 3072}
+                  "h_optimus_1": 1536, "virchow": 2560, "phikon_v2": 1024, "hibou_l": 1024, "midnight_12k": 3072,
+                  # CONCH v1.5 (TITAN's patch encoder): ViT-L/16 at 448 px + attentional pooler
+                  "conch_v15": 768}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_DIMS))
@@ -144,9 +146,72 @@ def test_encoders_command_lists_the_new_encoders():
 
     r = run_cli("encoders")
     assert r.returncode == 0, r.stderr
-    for name in ("h_optimus_1", "virchow", "phikon_v2", "hibou_l", "midnight_12k"):
+    for name in ("h_optimus_1", "virchow", "phikon_v2", "hibou_l", "midnight_12k", "conch_v15"):
         line = next(l for l in r.stdout.splitlines() if l.startswith(name + " "))
         assert f"dim {PUBLISHED_DIMS[name]}" in line and get_spec(name).precision in line
+
+
+def _small_conch_spec():
+    """CONCH v1.5's layout at a small width: a 4 x 4 patch grid at 64 px, the reference grid 2 x 2 (32 px)."""
+    from dataclasses import replace
+
+    small = dict(get_spec("conch_v15").arch_kwargs, img_size=64, embed_dim=64, depth=2, num_heads=4,
+                 out_dim=32, pool_heads=4, base_img_size=32)
+    return replace(get_spec("conch_v15"), name="conch_small", dim=32, arch_kwargs=small, input_size=64,
+                   resize_to=64)
+
+
+def _reference_conch(tower, x, pe_base):
+    """CONCH v1.5's published computation, written out independently: the 2 x 2 reference grid of position
+    embeddings interpolated at every forward (bicubic, DINO's +0.1 scale), then the attentional pooler as
+    softmax(q k^T / sqrt(d) - max) v over all tokens, then LayerNorm."""
+    import torch.nn.functional as F
+
+    t = tower.trunk
+    tok = t.patch_embed(x)
+    tok = torch.cat([t.cls_token.expand(len(x), -1, -1), tok], dim=1)
+    c = pe_base.shape[-1]
+    grid = pe_base[:, 1:].reshape(1, 2, 2, c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(4.1 / 2, 4.1 / 2), mode="bicubic").permute(0, 2, 3, 1).reshape(1, -1, c)
+    tok = t.norm(t.blocks(tok + torch.cat([pe_base[:, :1], grid], dim=1)))
+    p = tower.attn_pool_contrast
+    h = p.heads
+    q = p.to_q(p.ln_q(p.query))[None].expand(len(x), -1, -1)
+    k, v = p.to_kv(p.ln_k(tok)).chunk(2, dim=-1)
+    q, k, v = (z.reshape(z.shape[0], z.shape[1], h, -1).transpose(1, 2) for z in (q, k, v))
+    sim = torch.einsum("bhid,bhjd->bhij", q * q.shape[-1] ** -0.5, k)
+    att = (sim - sim.amax(-1, keepdim=True)).softmax(-1)
+    out = torch.einsum("bhij,bhjd->bhid", att, v).transpose(1, 2).reshape(len(x), 1, -1)
+    return tower.ln_contrast(p.to_out(out)[:, 0])
+
+
+def test_conch_v15_runs_loads_its_checkpoint_layout_and_matches_the_reference(tmp_path):
+    """CONCH v1.5 on the CPU at a small width: output shape/dtype; a checkpoint in the released layout
+    (``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``, position embeddings on the 224 px grid)
+    loads through ``--weights FILE`` and gives the reference computation's embeddings."""
+    from wsi_ncmi.encoders.model import Encoder
+
+    spec = _small_conch_spec()
+    enc = Encoder.build(spec, allow_random=True)
+    x = torch.randint(0, 255, (3, 96, 96, 3), dtype=torch.uint8)
+    out = enc(x, "fp32")
+    assert out.shape == (3, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    sd = {k: v.clone() for k, v in enc.trunk.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    pe_base = torch.randn(1, 1 + 4, 64, generator=g)          # reference grid 2 x 2
+    sd["trunk.pos_embed"] = pe_base
+    torch.save(sd, tmp_path / "pytorch_model_vision.bin")
+    loaded = Encoder.build(spec, weights=str(tmp_path / "pytorch_model_vision.bin"))
+    assert loaded.weights_id.startswith("file:pytorch_model_vision.bin sha256:")
+    assert loaded.trunk.trunk.pos_embed.shape == (1, 1 + 16, 64)
+    with torch.inference_mode():
+        ref = _reference_conch(loaded.trunk, loaded.preprocess(x), pe_base)
+    assert torch.allclose(loaded(x, "fp32"), ref, atol=1e-5), (loaded(x, "fp32") - ref).abs().max()
+    # a file saved from this module (already at 448 px here: 4 x 4) loads unchanged
+    torch.save(loaded.trunk.state_dict(), tmp_path / "again.pth")
+    again = Encoder.build(spec, weights=str(tmp_path / "again.pth"))
+    assert torch.equal(again.trunk.trunk.pos_embed, loaded.trunk.trunk.pos_embed)
 
 
 def test_offline_hub_error_says_how_to_pass_weights():
@@ -154,6 +219,10 @@ def test_offline_hub_error_says_how_to_pass_weights():
         create_encoder("uni")
     msg = str(e.value)
     assert "hf-hub:MahmoodLab/uni" in msg and "--weights FILE" in msg and "huggingface-cli login" in msg
+    with pytest.raises(WsiNcmiError) as e:
+        create_encoder("conch_v15")
+    msg = str(e.value)
+    assert "MahmoodLab/conchv1_5" in msg and "pytorch_model_vision.bin" in msg and "--weights FILE" in msg
 
 
 def test_any_timm_model_with_a_weights_file(tmp_path):
@@ -183,6 +252,81 @@ def test_bundled_efficientnet_weights_are_the_imagenet_ones():
     assert enc.weights_id == "file:efficientnet-lite0-57934424.pth sha256:579344248a93e230"
 
 
+# ---- torch.compile -------------------------------------------------------------------------------
+def test_compile_falls_back_to_eager_with_one_warning_line(monkeypatch, capsys):
+    """A backend failure on the first batch (here: a stand-in for inductor without its compiler) and a
+    missing C++ compiler both leave the same encoder running eager, with one line on stderr."""
+    from wsi_ncmi.encoders import model as model_mod
+
+    enc = create_encoder("resnet10t", allow_random=True)
+    x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    eager = enc(x)
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("C++ compile error\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(model_mod, "_compile_blocker", lambda device: None)   # as if a compiler were found
+    assert enc.use_compile() == "inductor+channels_last"
+    out = enc(x)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch.compile failed (RuntimeError: C++ compile error)" in err[0]
+    assert enc.compile_state.startswith("eager+channels_last") and torch.allclose(out, eager, atol=1e-4)
+    enc(x)
+    assert capsys.readouterr().err == ""          # warned once
+
+    monkeypatch.undo()
+    monkeypatch.setattr(model_mod.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    vit = _tiny_vit()
+    assert vit.use_compile().startswith("eager (no C++ compiler found")
+    assert "no C++ compiler found" in capsys.readouterr().err
+    assert vit(torch.zeros(1, 32, 32, 3, dtype=torch.uint8)).shape == (1, 32)
+
+
+def _tiny_vit():
+    from dataclasses import replace
+
+    from wsi_ncmi.encoders.model import Encoder
+
+    spec = replace(get_spec("vit_tiny_patch16_224"), arch_kwargs=dict(img_size=32, embed_dim=32, depth=1,
+                                                                      num_heads=2), input_size=32, dim=32)
+    return Encoder.build(spec, allow_random=True)
+
+
+def test_compiled_extraction_gives_the_eager_features(tmp_path):
+    """``--compile on`` on this CPU (TorchInductor, a small CNN in channels-last): the same features as
+    eager within float tolerance, on a slide whose patch count is no multiple of the batch (the last
+    batch is padded to the compiled one); the file records the option, which is no part of its settings."""
+    from conftest import make_tissue_slide
+
+    from wsi_ncmi.extract import run_extraction
+
+    slide = make_tissue_slide(tmp_path / "s.tiff", 0.5, [(100, 100, 700, 560)], width_um=1000, height_um=800)
+    weights = tmp_path / "r10.pth"
+    torch.save(create_encoder("resnet10t", allow_random=True).trunk.state_dict(), weights)
+    feats, attrs = {}, {}
+    for mode in ("off", "on"):
+        cfg = ExtractConfig(slides=[str(slide)], out=str(tmp_path / mode), encoder="resnet10t", weights=str(weights),
+                            device="cpu", workers=0, batch_size=8, patch_size=64, mpp=2.0, min_tissue=0.0,
+                            feature_dtype="float32", thumbnails=False, progress=False, compile=mode)
+        summary = run_extraction(cfg)
+        assert summary.count("done") == 1, summary.render()
+        ff = read_feature_file(tmp_path / mode / "s.h5")
+        feats[mode], attrs[mode] = ff.features, ff.attrs
+    assert len(feats["on"]) % 8 != 0
+    from wsi_ncmi.encoders.model import _compile_blocker
+
+    # where this machine has no C++ compiler, the run falls back to eager and says so
+    want = "inductor+channels_last" if _compile_blocker(torch.device("cpu")) is None else "eager+channels_last ("
+    assert attrs["off"]["compile"] == "off" and attrs["on"]["compile"].startswith(want)
+    assert attrs["on"]["settings_fingerprint"] == attrs["off"]["settings_fingerprint"]
+    scale = np.abs(feats["off"]).max()
+    np.testing.assert_allclose(feats["on"], feats["off"], rtol=0, atol=1e-4 * max(1.0, scale))
+
+
 # ---- config ------------------------------------------------------------------------------------
 def test_configs_yaml_mirrors_the_defaults():
     data = yaml.safe_load((ROOT / "configs" / "extract.yaml").read_text())["extract"]
@@ -201,6 +345,12 @@ def test_config_file_and_flags(tmp_path):
         ExtractConfig.from_sources(str(p))
     with pytest.raises(WsiNcmiError, match="--shard"):
         ExtractConfig(shard="3/2").validate()
+    p.write_text("extract:\n  compile: off\n")           # YAML's off is a boolean
+    assert ExtractConfig.from_sources(str(p)).compile == "off"
+    cfg = ExtractConfig.from_sources(None, compile=None)
+    assert cfg.compile == "auto" and cfg.compile_on("cuda") and not cfg.compile_on("cpu")
+    with pytest.raises(WsiNcmiError, match="--compile"):
+        ExtractConfig(compile="max").validate()
 
 
 # ---- module boundaries -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import timm.layers
 
+from wsi_ncmi.encoders.conch import build_conch_v15
 from wsi_ncmi.encoders.registry import EncoderSpec, register_encoder
 
 
@@ -129,4 +130,16 @@ register_encoder(EncoderSpec(
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pooling="cls+mean", precision="bf16",
     citation="Karasikov et al. 2025, Training state-of-the-art pathology foundation models with orders of "
              "magnitude less data (Midnight), arXiv:2504.05186",
+))
+
+register_encoder(EncoderSpec(
+    name="conch_v15", arch="vit_large_patch16_224", dim=768, hub="hf-hub:MahmoodLab/conchv1_5",
+    builder="module", factory=build_conch_v15, hub_file="pytorch_model_vision.bin",
+    arch_kwargs=dict(img_size=448, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4,
+                     init_values=1.0, num_classes=0, dynamic_img_size=False,
+                     out_dim=768, pool_heads=8, base_img_size=224),
+    input_size=448, resize_to=448, pooling="head", precision="fp16", gated=True,
+    citation="Lu et al. 2024, A visual-language foundation model for computational pathology (CONCH), "
+             "Nature Medicine, arXiv:2307.12914; v1.5 = TITAN's patch encoder, Ding et al. 2024, "
+             "arXiv:2411.19666 (ViT-L/16 at 448 px + attentional pooler, 768-d; see encoders/conch.py)",
 ))

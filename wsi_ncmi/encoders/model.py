@@ -3,12 +3,20 @@
 Workers send raw uint8 patches (4x smaller than float over the pinned-memory link); scaling,
 resizing and normalisation run on the GPU in float32, the trunk under autocast in the
 encoder's precision.
+
+``Encoder.use_compile()`` (``extract --compile``) runs the embedding through ``torch.compile``
+(TorchInductor; Ansel et al. 2024, PyTorch 2, ASPLOS '24) and keeps convolutional trunks in
+channels-last memory format. It is a runtime option: the features equal eager ones within float
+tolerance, so it is recorded (attribute ``compile``) but is no part of a file's settings.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -48,12 +56,32 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.dim = spec.dim
+        self.compile_state = "off"     # off | inductor[+channels_last] | eager[+channels_last] (why)
+        self._compiled = None
+        self._compiled_batch = 0
+        self._channels_last = False
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def build(cls, spec: EncoderSpec, weights: str | None = None, device="cpu", allow_random: bool = False):
         import timm
 
+        if spec.builder == "module":   # a module of this package (CONCH v1.5: ViT-L + attentional pooler)
+            if weights is not None:
+                if not Path(weights).is_file():
+                    raise WsiNcmiError(f"{weights}: weights file not found; pass the path to a downloaded "
+                                       f"state dict for '{spec.name}'")
+                trunk = spec.factory(spec)
+                cls._load(trunk, _read_state_dict(weights), spec, weights)
+                weights_id = f"file:{Path(weights).name} sha256:{file_digest(weights)}"
+            elif allow_random:
+                trunk, weights_id = spec.factory(spec), "random-init"
+            else:
+                path = cls._hub_file(spec)     # before building: offline, the error comes at once
+                trunk = spec.factory(spec)
+                cls._load(trunk, _read_state_dict(path), spec, path)
+                weights_id = f"{spec.hub}/{spec.hub_file}"
+            return cls._finish(spec, trunk, weights_id, device)
         if spec.builder == "transformers":
             from wsi_ncmi.encoders.hf import build_hf_trunk
 
@@ -125,11 +153,29 @@ class Encoder(nn.Module):
                 "--weights FILE") from None
 
     @staticmethod
+    def _hub_file(spec: EncoderSpec) -> str:
+        """Download ``spec.hub_file`` of the hub repo (cached by huggingface_hub)."""
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(spec.hub.removeprefix("hf-hub:"), spec.hub_file)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:140]
+            access = ("the weights are gated: accept the licence on huggingface.co and run "
+                      "`huggingface-cli login`, or " if spec.gated else "")
+            raise WsiNcmiError(
+                f"encoder '{spec.name}': cannot load pretrained weights from {spec.hub} ({spec.hub_file}; "
+                f"{type(exc).__name__}: {first}); {access}download the weights file and pass "
+                "--weights FILE") from None
+
+    @staticmethod
     def _load(trunk: nn.Module, sd: dict, spec: EncoderSpec, path: str) -> None:
         for key in ("state_dict", "model"):
             if isinstance(sd.get(key), dict):
                 sd = sd[key]
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        if hasattr(trunk, "adapt_state_dict"):   # e.g. CONCH v1.5: position embeddings to its input size
+            sd = trunk.adapt_state_dict(sd)
         target = trunk.state_dict()
         if spec.weight_mapping == "ordered":
             src = [(k, v) for k, v in sd.items() if "num_batches_tracked" not in k]
@@ -183,11 +229,72 @@ class Encoder(nn.Module):
     @torch.inference_mode()
     def forward(self, x_uint8_nhwc: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         x = self.preprocess(x_uint8_nhwc)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         dtype = _DTYPES[precision]
         with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = self.embed(x)
+            out = self.embed(x) if self._compiled is None else self._embed_compiled(x)
         return out.float()
 
+    # ---- torch.compile ------------------------------------------------------------------
+    def is_convnet(self) -> bool:
+        """More than one 2-D convolution: a CNN (a ViT has one, its patch embedding)."""
+        return sum(isinstance(m, nn.Conv2d) for m in self.trunk.modules()) > 1
+
+    def use_compile(self, mode: str | None = None) -> str:
+        """Compile ``embed`` with ``torch.compile`` (and put a CNN in channels-last); returns the state.
+
+        One graph of a fixed batch size is compiled (the first batch's); smaller batches (a slide's
+        last) are padded to it, so a cohort never recompiles. Where compiling cannot work (no C++
+        compiler for CPU code, no Triton for GPU code) or fails on the first batch, one line says
+        so on stderr and the encoder runs eager.
+        """
+        if self._compiled is not None or self.compile_state != "off":
+            return self.compile_state
+        if self.is_convnet():
+            self.trunk.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        suffix = "+channels_last" if self._channels_last else ""
+        missing = _compile_blocker(self.mean.device)
+        if missing:
+            return self._compile_off(missing, suffix)
+        kw = {"mode": mode} if mode else {}
+        self._compiled = torch.compile(self.embed, dynamic=False, **kw)
+        self.compile_state = "inductor" + suffix
+        return self.compile_state
+
+    def _compile_off(self, why: str, suffix: str) -> str:
+        print(f"wsi-ncmi: warning: --compile: {why}; running the encoder eager", file=sys.stderr, flush=True)
+        self._compiled = None
+        self.compile_state = f"eager{suffix} ({why})"
+        return self.compile_state
+
+    def _embed_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        self._compiled_batch = max(self._compiled_batch, n)
+        if n < self._compiled_batch:   # pad to the compiled batch: one graph for every batch
+            pad = x.new_zeros((self._compiled_batch - n, *x.shape[1:]))
+            x = torch.cat([x, pad])
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            return self._compiled(x)[:n]
+        except Exception as exc:  # a backend that cannot build this graph: the same model, eager
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            self._compile_off(f"torch.compile failed ({type(exc).__name__}: {first})",
+                              "+channels_last" if self._channels_last else "")
+            return self.embed(x[:n])
+
+
+def _compile_blocker(device: torch.device) -> str | None:
+    """Why TorchInductor cannot generate code for ``device`` here, or None."""
+    if device.type == "cpu":
+        cands = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in cands):
+            return "no C++ compiler found (TorchInductor needs g++ or clang++ for CPU code)"
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (TorchInductor needs it for GPU code)"
+    return None
 
 def create_encoder(name: str, weights: str | None = None, device="cpu", allow_random: bool = False) -> Encoder:
     """Build the encoder ``name`` (registered, or any timm model) in eval mode on ``device``."""

@@ -30,7 +30,9 @@ class EncoderSpec:
     ``resize``: ``"resize"`` to ``input_size`` or ``"resize-crop"`` (resize to ``resize_to`` then
     centre-crop ``input_size``; Prov-GigaPath's published transform).
     ``builder``: ``"timm"`` or ``"transformers"`` (``hf_config``: the ``transformers`` config class
-    and its arguments, used to build the architecture offline; see ``encoders/hf.py``).
+    and its arguments, used to build the architecture offline; see ``encoders/hf.py``), or
+    ``"module"`` (``factory(spec)`` builds the architecture, ``hub_file`` is its weights file in the
+    ``hub`` repo; CONCH v1.5, see ``encoders/conch.py``).
     """
 
     name: str
@@ -53,6 +55,8 @@ class EncoderSpec:
     builder: str = "timm"           # "timm" or "transformers"
     hf_config: dict = field(default_factory=dict)
     trust_remote_code: bool = False
+    factory: Callable[["EncoderSpec"], Any] | None = None   # builder "module": builds the architecture
+    hub_file: str | None = None     # builder "module": the weights file in the hub repo
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "arch": self.arch, "dim": self.dim, "hub": self.hub,

@@ -40,6 +40,7 @@ class ExtractConfig:
     batch_size: int = 0               # 0 = auto (256 on GPU, 32 on CPU)
     workers: int = -1                 # -1 = auto (cores - 1, at most 16)
     precision: str = "auto"           # auto (encoder's own on GPU, fp32 on CPU), fp32, fp16, bf16
+    compile: str = "auto"             # auto (on on GPU, off on CPU), on, off: torch.compile the encoder
     feature_dtype: str = "float16"
     shard: str = "0/1"                # i/N: this process takes slides i, i+N, ...
     thumbnails: bool = True
@@ -80,6 +81,10 @@ class ExtractConfig:
             raise WsiNcmiError(f"--reader {self.reader}: choose auto (raw JPEG tiles when possible) or openslide")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise WsiNcmiError(f"--precision {self.precision}: choose auto, fp32, fp16 or bf16")
+        if isinstance(self.compile, bool):   # YAML reads on/off as booleans
+            self.compile = "on" if self.compile else "off"
+        if self.compile not in ("auto", "on", "off"):
+            raise WsiNcmiError(f"--compile {self.compile}: choose auto (on on a GPU, off on a CPU), on or off")
         if self.feature_dtype not in ("float16", "float32"):
             raise WsiNcmiError(f"--feature-dtype {self.feature_dtype}: choose float16 or float32")
         if self.batch_size < 0:
@@ -95,6 +100,10 @@ class ExtractConfig:
         if self.workers >= 0:
             return self.workers
         return max(0, min(16, (os.cpu_count() or 1) // max(1, processes_per_node) - 1))
+
+    def compile_on(self, device_type: str) -> bool:
+        """Whether to ``torch.compile`` the encoder: auto compiles on a GPU only (see ``--compile``)."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -100,6 +100,8 @@ class _Extraction:
 
             encoder = create_encoder(cfg.encoder, cfg.weights, device=self.device)
         self.encoder = encoder.to(self.device)
+        if cfg.compile_on(self.device.type):
+            self.encoder.use_compile()
         self.precision = resolve_precision(cfg.precision, self.encoder.spec.precision, self.device)
         self.batch = cfg.batch_size or (256 if self.device.type == "cuda" else 32)
         self.workers = cfg.resolved_workers(world().local_size)
@@ -112,6 +114,7 @@ class _Extraction:
             self.cutter = DeviceCutter(self.device)
         summary.encoder, summary.device = cfg.encoder, str(self.device)
         summary.precision, summary.batch_size, summary.workers = self.precision, self.batch, self.workers
+        summary.compile = self.encoder.compile_state
         self.inflight: dict[int, _InFlight] = {}
         self.guard = threading.Lock()
         self.stop = threading.Event()
@@ -225,7 +228,8 @@ class _Extraction:
             if st.writer is None:
                 attrs = dict(plan.attrs, encoder=self.cfg.encoder, encoder_dim=self.encoder.dim,
                              weights=self.encoder.weights_id, preprocessing=self.encoder.spec.describe(),
-                             precision=self.precision, device=str(self.device))
+                             precision=self.precision, device=str(self.device),
+                             compile=self.encoder.compile_state)   # runtime only: not in the fingerprint
                 st.writer = FeatureWriter(self.out / f"{plan.slide_id}.h5", self.out / ".partial", plan.grid.coords,
                                           self.encoder.dim, self.cfg.feature_dtype, attrs, plan.coords_attrs,
                                           extra={"tissue_fraction": tissue_fraction_dataset(plan.grid)})
@@ -304,6 +308,7 @@ class _Extraction:
                 self._write(pending[0], pending[1], pending[2].numpy())
                 pending = None
         finally:
+            self.summary.compile = self.encoder.compile_state   # "eager (...)" if compiling failed
             self.stop.set()
             feeder.join(timeout=30)
             with self.guard:

@@ -30,6 +30,7 @@ class RunSummary:
     precision: str = ""
     batch_size: int = 0
     workers: int = 0
+    compile: str = "off"     # the encoder's torch.compile state (Encoder.compile_state)
     shard: str = "0/1"
     results: list[SlideResult] = field(default_factory=list)
     seconds: float = 0.0
@@ -78,7 +79,7 @@ class RunSummary:
         devices = sorted({p.device for p in parts if p.device})
         return cls(out=first.out, encoder=next((p.encoder for p in parts if p.encoder), ""),
                    device=",".join(devices), precision=next((p.precision for p in parts if p.precision), ""),
-                   batch_size=first.batch_size, workers=sum(p.workers for p in parts),
+                   batch_size=first.batch_size, workers=sum(p.workers for p in parts), compile=first.compile,
                    shard=f"{shard} x {len(parts)} ranks", results=results,
                    seconds=max(p.seconds for p in parts), started=min(p.started for p in parts))
 
@@ -105,6 +106,7 @@ class RunSummary:
                 lines.append(f"  {self.tiles:,} tiles in {self.seconds:.1f} s = {self.tiles_per_s:,.1f} tiles/s "
                              f"({self.encoder}, {self.device}, {self.precision}, batch {self.batch_size}, "
                              f"{self.workers} workers{ranks}"
+                             + (f", compile {self.compile.split(' (')[0]}" if self.compile != "off" else "")
                              + "".join(f", {n} {k}" for k, n in sorted(self.readers.items())) + ")")
         for r in self.failed:
             lines.append(f"  FAILED [{r.reason}] {r.message}")
