@@ -15,10 +15,16 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` is the first GPU when one is visible, else the CPU; a named CUDA device must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise WsiNcmiError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WsiNcmiError(f"--device {name}: no CUDA GPU is visible; use --device cpu "
                            "(or run the container with --gpus all)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise WsiNcmiError(f"--device {name}: this machine has {torch.cuda.device_count()} visible GPU(s) "
+                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of them")
     return dev
 
 

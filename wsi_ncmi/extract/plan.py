@@ -43,8 +43,6 @@ class SlidePlan:
     background: tuple = (255, 255, 255)
 
 
-#: fingerprint keys added after files were written without them, with the value those files had
-FINGERPRINT_DEFAULTS = {"remove_pen": False, "tissue_source": "detection"}
 
 
 def settings_fingerprint(cfg: ExtractConfig, tissue_source: str = "detection") -> str:

@@ -30,12 +30,13 @@ from wsi_ncmi.errors import SlideError, WsiNcmiError
 from wsi_ncmi.extract.config import ExtractConfig
 from wsi_ncmi.extract.dataset import make_task_loader, plan_tasks
 from wsi_ncmi.extract.locks import HOST, SlideLock, _pid_alive
-from wsi_ncmi.extract.plan import (FINGERPRINT_DEFAULTS, SlidePlan, plan_slide, settings_fingerprint,
+from wsi_ncmi.extract.plan import (SlidePlan, plan_slide, settings_fingerprint,
                                   tissue_fraction_dataset, tissue_source_for)
 from wsi_ncmi.extract.summary import RunSummary, SlideResult
 from wsi_ncmi.slides.mpp import load_mpp_csv
 from wsi_ncmi.slides.open import discover_slides, slide_id_for
 from wsi_ncmi.store.h5 import FeatureWriter, parse_partial_name, read_attrs
+from wsi_ncmi.store.provenance import FINGERPRINT_DEFAULTS
 
 PLAN_THREADS = 2
 PLAN_LOOKAHEAD = 3   # slides planned (and locked) ahead of the readers: enough to hide planning,

@@ -156,11 +156,11 @@ def run_predict(run: str | Path, inputs: list[str], out: str | Path, heatmaps: b
     from wsi_ncmi.predict.settings import run_provenance
     from wsi_ncmi.predict.shifted import shifts_per_axis
     from wsi_ncmi.store.h5 import read_feature_file
-    from wsi_ncmi.train.runfolder import refuse_while_training
+    from wsi_ncmi.train.runfolder import refuse_while_training, settings_folder
 
     run, out = Path(run), Path(out)
     shifts_per_axis(overlap)
-    refuse_while_training(run, "predict with")
+    refuse_while_training(settings_folder(run), "predict with")
     prov = run_provenance(run)
     given = sort_inputs(inputs)
     out.mkdir(parents=True, exist_ok=True)

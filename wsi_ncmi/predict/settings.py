@@ -14,10 +14,11 @@ from pathlib import Path
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.extract.config import ExtractConfig
 from wsi_ncmi.store.provenance import read_run_provenance
-from wsi_ncmi.train.runfolder import load_run_config
+from wsi_ncmi.train.runfolder import load_run_config, settings_folder
 
 
 def run_provenance(run: Path) -> dict | None:
+    run = settings_folder(run)                      # a fold folder's settings are its run's
     cfg = load_run_config(run, require=())
     return read_run_provenance(run, cfg.features)
 

@@ -17,6 +17,7 @@ least half on stored patches.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,13 @@ def tissue_grids(slide, attrs: dict, n: int) -> dict[tuple[int, int], np.ndarray
         target, size, min_tissue = float(attrs["target_mpp"]), int(attrs["patch_size"]), float(attrs["min_tissue"])
     except (KeyError, TypeError, ValueError):
         return None
-    tm = tissue_mask_for_slide(slide, mpp.mean, params)
+    geojson = None
+    if str(attrs.get("tissue_source", "detection")).startswith("geojson:"):    # the mask the features were cut with
+        path = Path(str(attrs.get("tissue_geojson", "")))
+        if not path.is_file() or "geojson:" + hashlib.sha256(path.read_bytes()).hexdigest() != attrs["tissue_source"]:
+            return None                      # that mask is gone or edited: the stored-grid fallback
+        geojson = path
+    tm = tissue_mask_for_slide(slide, mpp.mean, params, geojson=geojson, remove_pen=bool(attrs.get("remove_pen")))
     bx, by, bw, bh = slide_bounds(slide)
     ex, ey = size * target / mpp.x, size * target / mpp.y
     out = {}

@@ -20,13 +20,20 @@ from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.store.h5 import read_attrs
 
 FILE_NAME = "features.json"
+#: fingerprint keys added after files were written without them, with the value those files had
+FINGERPRINT_DEFAULTS = {"remove_pen": False, "tissue_source": "detection"}
+#: fingerprint keys that belong to one slide, not to the run's settings (a mask drawn for one slide)
+PER_SLIDE_KEYS = ("tissue_source",)
 
 
 def _fingerprint(attrs: dict) -> dict | None:
+    """The run-wide extraction settings of a file: its fingerprint with the defaults of keys added
+    later (files from before them had those values) and without the per-slide keys."""
     fp = attrs.get("settings_fingerprint")
     if not fp:
         return None
-    return fp if isinstance(fp, dict) else json.loads(fp)
+    fp = {**FINGERPRINT_DEFAULTS, **(fp if isinstance(fp, dict) else json.loads(fp))}
+    return {k: v for k, v in fp.items() if k not in PER_SLIDE_KEYS}
 
 
 def file_provenance(h5: str | Path) -> dict | None:
@@ -96,7 +103,7 @@ def difference(attrs: dict, prov: dict) -> str | None:
     fp = _fingerprint(attrs)
     if fp is None:
         return None            # a CLAM/TRIDENT file: nothing recorded to compare
-    want = prov["settings"]
+    want = {k: v for k, v in {**FINGERPRINT_DEFAULTS, **prov["settings"]}.items() if k not in PER_SLIDE_KEYS}
     diff = [f"{k}={fp.get(k)!r} (run: {want.get(k)!r})" for k in sorted(set(fp) | set(want)) if fp.get(k) != want.get(k)]
     have_w, want_w = attrs.get("weights") or None, prov.get("weights_id")
     if not diff and want_w and have_w and have_w != want_w:

@@ -116,7 +116,8 @@ def _fill_gaps(placed: dict[str, int], labs: dict[str, list[int]], k: int, order
 
 def given_folds(task: Task, k: int) -> dict[str, int] | None:
     """A CSV ``fold`` column's folds as {slide_id: 0..k-1} (None when the task has none)."""
-    col = task.fold_column
+    present = {s.slide_id for s in task.slides}      # slides dropped by --allow-missing are not folded
+    col = {sid: v for sid, v in (task.fold_column or {}).items() if sid in present}
     if not col:
         return None
     values = sorted(set(col.values()), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit()

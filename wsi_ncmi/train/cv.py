@@ -108,7 +108,7 @@ def evaluate_folds(cfg, plan: Plan, store, run: Path) -> dict:
         per_seed = evaluate_seeds(cfg, ftask, store, run / f"fold_{k}", fout)
         aggregate(per_seed, cfg, ftask, fout)
         per_fold.append(per_seed)
-    return aggregate_folds(per_fold, cfg, plan, out, run)
+    return aggregate_folds(per_fold, cfg, plan, out, out)   # pool the re-scored predictions
 
 
 def _read_predictions(path: Path) -> list[dict]:

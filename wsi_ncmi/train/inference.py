@@ -96,6 +96,10 @@ def load_member_model(run: str | Path, member: str | Path, in_dim: int) -> RunMo
     objective.eval()
     priors = class_priors(agg["counts"]["train"], C, counts=True)
     sc = member / "scoring.pt"
+    if not sc.is_file():            # runs from before scoring.pt: `evaluate` writes it under evaluate/
+        root = settings_folder(run)
+        alt = root / "evaluate" / member.relative_to(root) / "scoring.pt"
+        sc = alt if alt.is_file() else sc
     if sc.is_file():
         scorer = Scorer.from_state(load_checkpoint(sc))
     elif objective.predicts_by_centroid:

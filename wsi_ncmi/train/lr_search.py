@@ -55,7 +55,8 @@ def choose_lr(cfg, task, store, out: Path, ddp=None, is_main: bool = True) -> fl
     if is_main:
         record.write_text(json.dumps({"grid": list(LR_GRID), "criterion": cfg.select_metric, "seed": cfg.seed,
                                       "trials": trials, "chosen": best["lr"]}, indent=2))
-        tried = ", ".join(f"{t['lr']:g}: {t['value'][0]:.4f}" for t in trials)
+        sign = -1.0 if cfg.select_metric == "loss" else 1.0     # the value of "loss" is the negated NLL
+        tried = ", ".join(f"{t['lr']:g}: {sign * t['value'][0]:.4f}" for t in trials)
         print(f"lr search: chose {best['lr']:g} on validation {cfg.select_metric} ({tried})", flush=True)
     return float(best["lr"])
 

@@ -40,8 +40,8 @@ PATH_KEYS = ("labels", "slides", "features")
 # settings that may change on --resume: they do not change what a finished epoch or seed means.
 # More --epochs stretches the cosine schedule of unfinished seeds to the new length from where they
 # stopped; finished seeds are kept as they are.
-MAY_CHANGE_ON_RESUME = frozenset({"epochs", "patience", "progress", "device", "bootstrap", "ram_gb", "resume",
-                                  "overwrite", "seeds", "allow_missing"})
+MAY_CHANGE_ON_RESUME = frozenset({"epochs", "patience", "min_epochs", "ncmi_means", "progress", "device", "bootstrap",
+                                  "ram_gb", "resume", "overwrite", "seeds", "allow_missing"})   # stopping/bookkeeping only
 NOT_IDENTITY = MAY_CHANGE_ON_RESUME | {"out"}
 DERIVED = ("labels_sha256", "task_sha256", "features_fingerprint")
 RUN_OUTPUTS = ("config.yaml", RUN_FILE, "metrics.json", "metrics.md", "evaluate", "heatmaps", "lr_search",
