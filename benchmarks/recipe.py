@@ -35,7 +35,9 @@ import numpy as np
 COHORTS = ("digits", "breast_cancer", "wine")
 VARIANTS = {"ce": dict(loss="ce"), "ncmi": dict(loss="ncmi", ncmi_space="embedding"),
             "ncmi_logit": dict(loss="ncmi", ncmi_space="logit"),
-            "ncmi_t0.1": dict(loss="ncmi", ncmi_space="embedding", ncmi_temperature=0.1)}
+            "ncmi_t0.1": dict(loss="ncmi", ncmi_space="embedding", ncmi_temperature=0.1),
+            "ncmi_t1": dict(loss="ncmi", ncmi_space="embedding", ncmi_temperature=1.0),
+            "ncmi_clr1e-3": dict(loss="ncmi", ncmi_space="embedding", centroid_lr=1e-3)}
 LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 
 
