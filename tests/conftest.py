@@ -91,3 +91,15 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "wsi_ncmi", *args], capture_output=True, text=True,
                           timeout=timeout, env=e)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small bags (tens of rows): one torch thread is faster, and on a busy machine far faster than
+    two. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import f1_score
 
 from wsi_ncmi.cli import build_parser, main
 from wsi_ncmi.errors import WsiNcmiError
-from wsi_ncmi.mil.synthetic import make_bag, make_cohort
-from wsi_ncmi.store import FeatureWriter
-from wsi_ncmi.tasks import load_task, pn_stage
+from wsi_ncmi.mil.synthetic import make_camelyon17_cohort, make_cohort
+from wsi_ncmi.tasks import load_task
 from wsi_ncmi.tasks.base import SlideRecord
 from wsi_ncmi.tasks.camelyon17 import CLASSES
 from wsi_ncmi.tasks.folds import OOF, assign_folds, cv_pool, fold_assignment, fold_task
@@ -29,12 +27,7 @@ from wsi_ncmi.train.run import run_evaluation, run_training
 C17 = Path(__file__).parent / "data" / "camelyon17_stage_labels.csv"   # the real 500-slide list
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -175,23 +168,7 @@ def test_fold_errors_name_the_value_and_the_fix(tmp_path):
 
 def _c17_cohort(root: Path) -> Path:
     """Node bags named as in the challenge (5 patients per centre, 5 nodes each) in the official label format."""
-    rng = np.random.default_rng(0)
-    dim = 6
-    centres, tumour = rng.standard_normal((3, dim)) * 2, np.full(dim, 6.0)
-    feats = root / "features"
-    lines = ["patient,stage"]
-    for pid in [p for c in range(5) for p in range(20 * c, 20 * c + 5)]:
-        labels = [int(v) for v in rng.integers(0, 4, 5)]
-        lines.append(f"patient_{pid:03d}.zip,{pn_stage(labels)}")
-        for node, lab in enumerate(labels):
-            sid = f"patient_{pid:03d}_node_{node}"
-            x, _ = make_bag(rng, lab, 20, dim, centres, tumour)
-            w = FeatureWriter(feats / f"{sid}.h5", feats / ".p", np.zeros((20, 2)), dim, "float32")
-            w.write(0, x)
-            w.commit()
-            lines.append(f"{sid}.tif,{CLASSES[lab]}")
-    (root / "stage_labels.csv").write_text("\n".join(lines) + "\n")
-    return root
+    return make_camelyon17_cohort(root, dim=6, bag_size=20)
 
 
 def _digest(folder: Path) -> dict:

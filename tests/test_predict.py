@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from wsi_ncmi.extract import ExtractConfig, run_extraction
 from wsi_ncmi.predict.runner import run_predict
@@ -21,12 +20,7 @@ EXTRACT = dict(encoder="efficientnet_lite0", mpp=2.0, patch_size=224, min_tissue
 CLASSES = ["a", "b"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

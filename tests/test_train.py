@@ -178,27 +178,12 @@ def test_train_configs_are_valid():
 
 def test_camelyon17_run_reports_patient_pn_kappa(tmp_path):
     """Node bags named as in the challenge, labels in the official stage_labels.csv format."""
-    from wsi_ncmi.mil.synthetic import make_bag
-    from wsi_ncmi.store import FeatureWriter
-    from wsi_ncmi.tasks import pn_stage
+    from wsi_ncmi.mil.synthetic import make_camelyon17_cohort
     from wsi_ncmi.tasks.camelyon17 import CLASSES
 
-    rng = np.random.default_rng(0)
-    dim = 8
-    centres, tumour = rng.standard_normal((3, dim)) * 2, np.full(dim, 6.0)
+    make_camelyon17_cohort(tmp_path, dim=8, bag_size=50)
     feats = tmp_path / "features"
-    lines = ["patient,stage"]
-    for pid in [p for c in range(5) for p in range(20 * c, 20 * c + 5)]:
-        labels = [int(v) for v in rng.integers(0, 4, 5)]
-        lines.append(f"patient_{pid:03d}.zip,{pn_stage(labels)}")
-        for node, lab in enumerate(labels):
-            sid = f"patient_{pid:03d}_node_{node}"
-            x, _ = make_bag(rng, lab, 50, dim, centres, tumour)
-            w = FeatureWriter(feats / f"{sid}.h5", feats / ".p", np.zeros((50, 2)), dim, "float32")
-            w.write(0, x)
-            w.commit()
-            lines.append(f"{sid}.tif,{CLASSES[lab]}")
-    (tmp_path / "stage_labels.csv").write_text("\n".join(lines) + "\n")
+    lines = (tmp_path / "stage_labels.csv").read_text().splitlines()
     cfg = TrainConfig(task="camelyon17", labels=str(tmp_path / "stage_labels.csv"), features=str(feats),
                       out=str(tmp_path / "run"), epochs=3, lr=1e-3, progress=False, bootstrap=20, loss="ce")
     agg = _quiet(run_training, cfg)

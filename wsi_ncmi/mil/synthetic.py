@@ -141,3 +141,34 @@ def _write_labels(out: Path, rows: list[tuple[str, int, str]]) -> Path:
         w.writerow(["slide_id", "label", "split"])
         w.writerows(rows)
     return out
+
+
+def make_camelyon17_cohort(out: str | Path, dim: int = 8, bag_size: int = 50, patients_per_centre: int = 5,
+                           seed: int = 0) -> Path:
+    """Node bags named as in CAMELYON-17 (``patient_XXX_node_Y``, 5 nodes per patient, patients
+    ``20c .. 20c + patients_per_centre - 1`` of each centre c) with the challenge's own
+    ``stage_labels.csv`` (node labels and each patient's pN stage); returns ``out``.
+
+    Why: the camelyon17 task's rules (centre split, whole-patient validation, pN stage) need the
+    challenge's file names and label format; the bags follow ``make_bag``.
+    """
+    from wsi_ncmi.tasks import pn_stage
+    from wsi_ncmi.tasks.camelyon17 import CLASSES
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    centres, tumour = rng.standard_normal((3, dim)) * 2, np.full(dim, 6.0)
+    feats = out / "features"
+    lines = ["patient,stage"]
+    for pid in [p for c in range(5) for p in range(20 * c, 20 * c + patients_per_centre)]:
+        labels = [int(v) for v in rng.integers(0, 4, 5)]
+        lines.append(f"patient_{pid:03d}.zip,{pn_stage(labels)}")
+        for node, lab in enumerate(labels):
+            sid = f"patient_{pid:03d}_node_{node}"
+            x, _ = make_bag(rng, lab, bag_size, dim, centres, tumour)
+            w = FeatureWriter(feats / f"{sid}.h5", feats / ".p", np.zeros((bag_size, 2)), dim, "float32")
+            w.write(0, x)
+            w.commit()
+            lines.append(f"{sid}.tif,{CLASSES[lab]}")
+    (out / "stage_labels.csv").write_text("\n".join(lines) + "\n")
+    return out
