@@ -62,7 +62,8 @@ def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int
         folds = [r["fold"] for r in rows]
         if str(test_fold) not in folds:
             raise WsiNcmiError(f"{path}: --test-fold {test_fold} is not a value of the fold column "
-                               f"({', '.join(sorted(set(folds)))}); pass --test-fold {min(set(folds))}")
+                               f"({', '.join(sorted(set(folds), key=_fold_order))}); pass --test-fold "
+                               f"{min(set(folds), key=_fold_order)}")
         for rec, f in zip(records, folds):
             rec.split = "test" if f == str(test_fold) else ""
         stratified_val([r for r in records if r.split != "test"], val_fraction, split_seed)
@@ -76,3 +77,8 @@ def load_csv_task(labels: str | Path, val_fraction: float = 0.1, split_seed: int
     return Task("csv", classes, records, str(path), notes=notes, fixed_test="split" in cols,
                 fold_column={r["slide_id"]: r["fold"] for r in rows} if "fold" in cols and "split" not in cols
                 else None).check()
+
+
+def _fold_order(v: str) -> tuple:
+    """Fold values in numeric order where they are numbers ("2" before "10")."""
+    return (0, int(v), v) if v.lstrip("-").isdigit() else (1, 0, v)
