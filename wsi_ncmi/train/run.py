@@ -240,7 +240,8 @@ def run_training(cfg: TrainConfig) -> dict:
     if plan:
         agg = train_folds(cfg, plan, store, out, w, ddp, seeds)
     else:
-        agg = aggregate(train_seeds(cfg, task, store, out, w, ddp, seeds), cfg, task, out) if w.is_main else {}
+        per_seed = train_seeds(cfg, task, store, out, w, ddp, seeds)     # every rank trains (its share)
+        agg = aggregate(per_seed, cfg, task, out) if w.is_main else {}
     if w.is_main:
         print((out / "metrics.md").read_text())
     if w.distributed:
