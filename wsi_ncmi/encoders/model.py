@@ -144,13 +144,7 @@ class Encoder(nn.Module):
         try:
             return timm.create_model(spec.hub or spec.arch, pretrained=True, **kw)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:140]
-            access = ("the weights are gated: accept the licence on huggingface.co and run "
-                      "`huggingface-cli login`, or " if spec.gated else "")
-            raise WsiNcmiError(
-                f"encoder '{spec.name}': cannot load pretrained weights from {spec.hub or spec.arch} "
-                f"({type(exc).__name__}: {first}); {access}download the weights file and pass "
-                "--weights FILE") from None
+            raise _hub_error(spec, spec.hub or spec.arch, exc) from None
 
     @staticmethod
     def _hub_file(spec: EncoderSpec) -> str:
@@ -160,13 +154,7 @@ class Encoder(nn.Module):
 
             return hf_hub_download(spec.hub.removeprefix("hf-hub:"), spec.hub_file)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:140]
-            access = ("the weights are gated: accept the licence on huggingface.co and run "
-                      "`huggingface-cli login`, or " if spec.gated else "")
-            raise WsiNcmiError(
-                f"encoder '{spec.name}': cannot load pretrained weights from {spec.hub} ({spec.hub_file}; "
-                f"{type(exc).__name__}: {first}); {access}download the weights file and pass "
-                "--weights FILE") from None
+            raise _hub_error(spec, spec.hub, exc, f"{spec.hub_file}; ") from None
 
     @staticmethod
     def _load(trunk: nn.Module, sd: dict, spec: EncoderSpec, path: str) -> None:
@@ -295,6 +283,17 @@ def _compile_blocker(device: torch.device) -> str | None:
     elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "Triton is not installed (TorchInductor needs it for GPU code)"
     return None
+
+def _hub_error(spec: EncoderSpec, source: str, exc: Exception, what: str = "") -> WsiNcmiError:
+    """One line for weights the hub would not give: the cause's first sentence, and the fix
+    (licence + login for gated repos, else a local ``--weights FILE``)."""
+    first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:140]
+    access = ("the weights are gated: accept the licence on huggingface.co and run "
+              "`huggingface-cli login`, or " if spec.gated else "")
+    return WsiNcmiError(f"encoder '{spec.name}': cannot load pretrained weights from {source} "
+                        f"({what}{type(exc).__name__}: {first}); {access}download the weights file and pass "
+                        "--weights FILE")
+
 
 def create_encoder(name: str, weights: str | None = None, device="cpu", allow_random: bool = False) -> Encoder:
     """Build the encoder ``name`` (registered, or any timm model) in eval mode on ``device``."""
