@@ -3,8 +3,9 @@
 * AdamW + cosine schedule on the network; for NCMI with alternating centroids, a second optimizer
   (Adam) on the centroids, stepped right after the network on the same mini-batch.
 * Each epoch: shuffled bags (order and sub-sampling drawn from a generator seeded by seed and
-  epoch), then an eval-mode pass over train (NCMI's class-mean centroids) and val (metrics, NCMI
-  diagnostics). The best epoch on the validation criterion is kept (never the test split), and
+  epoch), then an eval-mode pass over val (metrics, NCMI diagnostics); NCMI's class-mean centroids
+  come from the outputs of the training pass (``--ncmi-means running``) or from an eval-mode pass
+  over train (``exact``). The best epoch on the validation criterion is kept (never the test split), and
   training stops after ``patience`` epochs without improvement, but never before ``min_epochs``.
   The criterion (``select_metric``) is compared with a tie-break: ``loss`` (the default, the
   validation NLL of the class scores: smooth, it moves with every slide's score rather than with
