@@ -28,18 +28,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from wsi_ncmi.mil.synthetic import make_cohort
 from wsi_ncmi.train.config import TrainConfig
-from wsi_ncmi.train.metrics import classification_metrics
+from wsi_ncmi.train.compare import interval, paired_bootstrap, paired_difference, test_predictions
 from wsi_ncmi.train.run import run_training
 from wsi_ncmi.train.trainer import selection_value
 
@@ -82,36 +79,6 @@ def _train(base: dict, kw: dict, seed: int, work: Path) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
         run_training(cfg)
     return sdir
-
-
-def _predictions(sdir: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    with open(sdir / "predictions_test.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    C = sum(1 for k in rows[0] if k.startswith("p_"))
-    ids = [r["slide_id"] for r in rows]
-    y = np.array([int(r["label"]) for r in rows])
-    pred = np.array([int(r["pred"]) for r in rows])
-    p = np.array([[float(r[f"p_{k}"]) for k in range(C)] for r in rows])
-    order = np.argsort(ids)
-    return [ids[i] for i in order], y[order], pred[order], p[order]
-
-
-def _metric(y, pred, p, C):
-    m = classification_metrics(y, pred, p, C)
-    return np.array([m["macro_f1"], m["auc"]])
-
-
-def bootstrap(members: dict[str, list[tuple]], C: int, n: int, seed: int = 0) -> dict:
-    """Seed-mean metrics per loss on each bootstrap draw of test slides (the same draws for all)."""
-    y = next(iter(members.values()))[0][0]
-    rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(y), len(y)) for _ in range(n)]
-    out = {}
-    for loss, runs in members.items():
-        point = np.mean([_metric(yy, pr, p, C) for yy, pr, p, _ in runs], 0)
-        boot = np.array([np.mean([_metric(yy[i], pr[i], p[i], C) for yy, pr, p, _ in runs], 0) for i in draws])
-        out[loss] = (point, boot)
-    return out
 
 
 def main() -> None:
@@ -159,15 +126,12 @@ def main() -> None:
             trials.append((selection_value(m["val"], crit), kw))
         best = max(trials, key=lambda t: (t[0], -t[1]["lr"]))[1]
         chosen[loss] = best
-        runs = [_predictions(_train(base, best, s, work)) for s in range(1, args.seeds + 1)]
-        ids = {tuple(r[0]) for r in runs} | {tuple(next(iter(members.values()))[0][3])} if members else {tuple(r[0]) for r in runs}
-        assert len(ids) == 1, "every training must score the same test slides"
-        members[loss] = [(y, pr, p, r_ids) for r_ids, y, pr, p in runs]
+        members[loss] = [test_predictions(_train(base, best, s, work)) for s in range(1, args.seeds + 1)]
         knobs = {k: v for k, v in best.items() if k != "loss"}
         print(f"{loss:16s} chose {knobs} on validation  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    C = members[losses[0]][0][2].shape[1]
-    res = bootstrap(members, C, args.bootstrap)
-    lo, hi = (lambda b: np.nanquantile(b, 0.025, 0)), (lambda b: np.nanquantile(b, 0.975, 0))
+    C = members[losses[0]][0][3].shape[1]
+    res = paired_bootstrap(members, C, args.bootstrap)
+    lo, hi = (lambda b: interval(b)[0]), (lambda b: interval(b)[1])
     print(f"\n{args.model}, {TRIALS} tuning trials per loss on seed 0 (validation, criterion "
           f"{TrainConfig().select_metric}), then seeds 1-{args.seeds}; at most {args.epochs} epochs; {source}; "
           f"test split, seed-mean with 95% bootstrap interval over test slides\n")
@@ -179,10 +143,10 @@ def main() -> None:
         print(f"| {loss} | {knobs} | {pt[0]:.3f} [{lo(b)[0]:.3f}, {hi(b)[0]:.3f}] | "
               f"{pt[1]:.3f} [{lo(b)[1]:.3f}, {hi(b)[1]:.3f}] |")
     if "ncmi" in res and "ce" in res:
-        d_pt = res["ncmi"][0] - res["ce"][0]
-        d_b = res["ncmi"][1] - res["ce"][1]
-        print(f"\nNCMI - CE (paired over seeds and test slides): macro-F1 {d_pt[0]:+.3f} "
-              f"[{lo(d_b)[0]:+.3f}, {hi(d_b)[0]:+.3f}], macro AUC {d_pt[1]:+.3f} [{lo(d_b)[1]:+.3f}, {hi(d_b)[1]:+.3f}]")
+        d = paired_difference(res, "ncmi", "ce")
+        print("\nNCMI - CE (paired over seeds and test slides): " + ", ".join(
+            f"{name} {d[k][0]:+.3f} [{d[k][1]:+.3f}, {d[k][2]:+.3f}]" for k, name in (("macro_f1", "macro-F1"),
+                                                                                 ("auc", "macro AUC"))))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ import json
 import numpy as np
 import openslide
 import pytest
+from sklearn.metrics import average_precision_score
 
 from wsi_ncmi.demo.cohort import CLASSES, build_cohort, label_from_diameters
+from wsi_ncmi.demo.lesions import patches_touching
 from wsi_ncmi.slides.open import rgba_to_rgb
+from wsi_ncmi.store.h5 import read_feature_file
 
 from conftest import run_cli
 
@@ -60,14 +63,91 @@ def test_demo_labels_follow_the_lesion_sizes_in_the_slides(tmp_path):
         assert float(sl.properties["openslide.mpp-x"]) == pytest.approx(1.0) and sl.level_count >= 3
 
 
+def test_patches_touching_a_lesion_match_the_pixels():
+    """The lesion AP's positives: a patch touches a lesion when any of its points lies in a disc,
+    checked against a dense sampling of every patch square (slide at 0.5 um/px)."""
+    rng = np.random.default_rng(3)
+    mpp0, ext = 0.5, 224.0
+    xs = np.arange(0, 4000, ext)
+    coords = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2).astype(int)
+    lesions = [{"x_um": float(rng.uniform(0, 2000)), "y_um": float(rng.uniform(0, 2000)),
+                "diameter_um": float(d)} for d in (90, 150, 600, 1300)]
+    got = patches_touching(coords, (ext, ext), lesions, mpp0)
+    t = np.linspace(0, 1, 129)
+    want = np.zeros(len(coords), bool)
+    for i, (x, y) in enumerate(coords):
+        px, py = np.meshgrid(x + t * ext, y + t * ext)            # level-0 px of the patch square
+        for les in lesions:
+            r = les["diameter_um"] / 2 / mpp0
+            want[i] |= bool((np.hypot(px - les["x_um"] / mpp0, py - les["y_um"] / mpp0) <= r).any())
+    assert got.sum() > 10 and np.array_equal(got, want)
+
+
+def test_demo_cohort_design():
+    """The default cohort: about 30 training slides per class in centres 0-2 (after validation
+    takes a fifth), ten test slides per class, ITC nodes with 2-4 clusters, and patients that span
+    four pN stages; a folder of another plan is refused, not silently reused."""
+    from wsi_ncmi.demo.cohort import ITC_FOCI, plan_cohort
+    from wsi_ncmi.demo.run import DEMO_COHORT, DEMO_EXTRACT
+    from wsi_ncmi.tasks.camelyon17 import pn_stage
+
+    c = DEMO_COHORT
+    plan = plan_cohort(c["patients_per_centre"], 5, c["width_um"], c["height_um"])
+    for lab in range(4):
+        assert sum(s.label == lab and s.centre < 3 for s in plan) * 0.8 >= 29
+        assert sum(s.label == lab and s.centre >= 3 for s in plan) == 10
+    itc = [s for s in plan if s.label == 1]
+    assert {len(s.lesions) for s in itc} == set(range(ITC_FOCI[0], ITC_FOCI[1] + 1))
+    assert all(label_from_diameters([l["diameter_um"] for l in s.lesions]) == s.label for s in plan)
+    stages = {pn_stage([s.label for s in plan if s.patient == p]) for p in {s.patient for s in plan if s.centre >= 3}}
+    assert len(stages) == 4
+    assert DEMO_EXTRACT["patch_size"] * DEMO_EXTRACT["mpp"] <= 224      # an ITC covers a good part of a patch
+
+
+def test_demo_refuses_a_folder_of_another_plan(tmp_path):
+    from wsi_ncmi.errors import WsiNcmiError
+
+    build_cohort(tmp_path, patients_per_centre=1, nodes=1, centres=1, progress=False, width_um=1500, height_um=1500)
+    with pytest.raises(WsiNcmiError, match="another plan"):
+        build_cohort(tmp_path, patients_per_centre=1, nodes=1, centres=1, progress=False, width_um=1600,
+                     height_um=1500)
+
+
 @pytest.mark.slow
 def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     from wsi_ncmi.demo.run import run_demo
 
-    kw = dict(patients_per_centre=1, nodes=2, seeds=1, epochs=4, width_um=3000, height_um=2400)
-    res = run_demo(tmp_path, **kw)
+    kw = dict(patients_per_centre=1, nodes=2, seeds=2, epochs=4, width_um=3000, height_um=2400, bootstrap=50)
+    out = run_demo(tmp_path, **kw)
+    res = out["runs"]
     first = capsys.readouterr().out
     assert set(res) == {"ncmi", "ce"} and "| ncmi |" in first and "| ce |" in first
+    for stage in ("[1/5]", "[5/5]", "lesion AP", "NCMI - CE, paired", "total ", "train ce "):
+        assert stage in first, stage
+    d = out["ncmi_minus_ce"]["macro_f1"]
+    assert d[1] <= d[0] <= d[2]
+    plan = {s["slide_id"]: s for s in json.loads((tmp_path / "lesions.json").read_text())}
+    checked = 0
+    for loss in ("ncmi", "ce"):
+        ap = out["lesion_ap"][loss]
+        assert ap.slides >= 1 and 0 < ap.chance < 1 and 0 <= ap.ap <= 1
+        for png in (tmp_path / "runs" / loss / "heatmaps").glob("*.png"):   # recompute from the heatmap's CSV
+            sid = png.stem
+            if sid not in ap.per_slide:
+                continue
+            rows = list(csv.DictReader(open(png.with_suffix(".csv"))))
+            ff = read_feature_file(tmp_path / "features" / f"{sid}.h5")
+            assert [(int(r["x"]), int(r["y"])) for r in rows] == [tuple(map(int, c)) for c in ff.coords]
+            touch = patches_touching(ff.coords, (ff.attrs["patch_size_level0_x"], ff.attrs["patch_size_level0_y"]),
+                                     plan[sid]["lesions"], 1.0)
+            att = np.array([float(r["attention"]) for r in rows])
+            assert average_precision_score(touch, att) == pytest.approx(ap.per_slide[sid][0], abs=1e-4)
+            checked += 1
+    assert checked >= 1
+    report = (tmp_path / "report.md").read_text()
+    for part in ("## Confusion matrices (test)", "| true \\ predicted |", "## Lesion AP per test slide",
+                 "NCMI vs accuracy", "## Heatmaps: one test slide per class"):
+        assert part in report, part
     for loss in ("ncmi", "ce"):
         run = tmp_path / "runs" / loss
         m = json.loads((run / "metrics.json").read_text())
@@ -96,3 +176,5 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert "all 10 slides are already extracted" in second
     again = json.loads((tmp_path / "runs" / "ncmi" / "metrics.json").read_text())
     assert again["test"] == json.loads(json.dumps(res["ncmi"]["test"]))
+    with pytest.raises(Exception, match="another plan"):
+        run_demo(tmp_path, **dict(kw, width_um=3100))

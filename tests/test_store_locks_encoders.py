@@ -327,6 +327,44 @@ def test_compiled_extraction_gives_the_eager_features(tmp_path):
     np.testing.assert_allclose(feats["on"], feats["off"], rtol=0, atol=1e-4 * max(1.0, scale))
 
 
+def test_encoder_input_patch_embeds_the_patch_as_cut(tmp_path):
+    """``--encoder-input patch``: a CNN embeds each patch at --patch-size, not resized to its card's
+    224 px; the file's settings record it, so predict re-extracts the same way; a ViT is refused."""
+    from conftest import make_tissue_slide
+
+    from wsi_ncmi.extract import run_extraction
+    from wsi_ncmi.predict.settings import extract_config
+    from wsi_ncmi.store.provenance import file_provenance
+
+    weights = tmp_path / "r10.pth"
+    torch.save(create_encoder("resnet10t", allow_random=True).trunk.state_dict(), weights)
+    enc = create_encoder("resnet10t", str(weights))
+    x = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    resized = enc(x)
+    enc.use_patch_input()
+    as_cut = enc.embed((x.permute(0, 3, 1, 2).float() / 255 - enc.mean) / enc.std)
+    torch.testing.assert_close(enc(x), as_cut)
+    assert (enc(x) - resized).abs().max() > 1e-3          # the resize changed what the CNN saw
+
+    slide = make_tissue_slide(tmp_path / "s.tiff", 0.5, [(100, 100, 700, 560)], width_um=1000, height_um=800)
+    feats = {}
+    for mode in ("model", "patch"):
+        cfg = ExtractConfig(slides=[str(slide)], out=str(tmp_path / mode), encoder="resnet10t", weights=str(weights),
+                            device="cpu", workers=0, patch_size=64, mpp=2.0, min_tissue=0.0, encoder_input=mode,
+                            feature_dtype="float32", thumbnails=False, progress=False)
+        assert run_extraction(cfg).count("done") == 1
+        feats[mode] = read_feature_file(tmp_path / mode / "s.h5")
+        prov = file_provenance(tmp_path / mode / "s.h5")
+        assert prov["settings"]["encoder_input"] == mode
+        assert extract_config(prov, [], tmp_path, weights=str(weights)).encoder_input == mode
+    assert np.array_equal(feats["model"].coords, feats["patch"].coords)
+    assert np.abs(feats["model"].features - feats["patch"].features).max() > 1e-3
+    with pytest.raises(WsiNcmiError, match="not a CNN"):
+        _tiny_vit().use_patch_input()
+    with pytest.raises(WsiNcmiError, match="--encoder-input"):
+        ExtractConfig(encoder_input="native").validate()
+
+
 # ---- config ------------------------------------------------------------------------------------
 def test_configs_yaml_mirrors_the_defaults():
     data = yaml.safe_load((ROOT / "configs" / "extract.yaml").read_text())["extract"]

@@ -205,3 +205,27 @@ def test_macro_f1_leaves_out_a_class_absent_from_the_split_and_never_predicted()
     assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
     m2 = classification_metrics(y, np.array([0, 2, 1, 0]), np.eye(3)[[0, 2, 1, 0]], 3)   # predicted, absent: counts
     assert m2["macro_f1"] == pytest.approx(f1_score(y, [0, 2, 1, 0], labels=[0, 1, 2], average="macro", zero_division=0))
+
+
+def test_paired_comparison_metrics_equal_the_full_ones():
+    """The paired bootstrap's fast macro-F1 and macro AUC are ``classification_metrics``' values,
+    including ties in the scores, classes missing from a resample, and the binary case."""
+    from wsi_ncmi.train.compare import fast_metrics, paired_bootstrap, paired_difference
+
+    rng = np.random.default_rng(0)
+    for C in (2, 4):
+        for _ in range(200):
+            n = int(rng.integers(3, 30))
+            y, pred = rng.integers(0, C, n), rng.integers(0, C, n)
+            p = rng.random((n, C)).round(1)
+            m, f = classification_metrics(y, pred, p, C), fast_metrics(y, pred, p)
+            assert f[0] == pytest.approx(m["macro_f1"])
+            assert (np.isnan(f[1]) and np.isnan(m["auc"])) or f[1] == pytest.approx(m["auc"])
+    ids = [f"s{i:02d}" for i in range(30)]
+    y = rng.integers(0, 3, 30)
+    noisy = lambda k: np.eye(3)[y] * k + rng.random((30, 3))   # noqa: E731
+    runs = {name: [(ids, y, noisy(k).argmax(1), noisy(k)) for _ in range(3)] for name, k in (("a", 2.0), ("b", 0.3))}
+    d = paired_difference(paired_bootstrap(runs, 3, 300), "a", "b")
+    assert d["macro_f1"][1] > 0 and d["macro_f1"][1] <= d["macro_f1"][0] <= d["macro_f1"][2]
+    with pytest.raises(ValueError, match="same test slides"):
+        paired_bootstrap({"a": runs["a"], "b": [(ids[::-1], y, y, noisy(1))]}, 3, 10)

@@ -63,6 +63,9 @@ def _add_extract(sub) -> None:
     e = p.add_argument_group("encoder and hardware")
     e.add_argument("--encoder", help="registered name (see `wsi-ncmi encoders`) or any timm model (default resnet50_trunc)")
     e.add_argument("--weights", help="local weights file (.pth/.bin/.safetensors) instead of a download")
+    e.add_argument("--encoder-input", choices=["model", "patch"],
+                   help="model: resize patches to the encoder's input size (its card; default); patch: feed them "
+                        "at --patch-size, CNN encoders only (112 px costs a quarter of 224 px)")
     e.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     e.add_argument("--batch-size", type=int, help="patches per batch (default 256 on GPU, 32 on CPU)")
     e.add_argument("--workers", type=int, help="patch-reading processes (default: cores - 1, at most 16)")
@@ -247,9 +250,11 @@ def _add_train(sub) -> None:
                        description="The whole pipeline on a built-in cohort of real-H&E slides with implanted "
                                    "lesions; runs on a CPU in minutes and is resumable.")
     d.add_argument("--out", default="wsi-ncmi-demo", help="demo folder (default wsi-ncmi-demo)")
-    d.add_argument("--patients-per-centre", type=int, default=2, help="patients per centre, 5 nodes each (default 2)")
-    d.add_argument("--seeds", type=int, default=5)
-    d.add_argument("--epochs", type=int, default=40)
+    d.add_argument("--patients-per-centre", default="10,10,10,4,4", metavar="N[,N,N,N,N]",
+                   help="patients in each of the 5 centres (0-2 train and validate, 3-4 test), 5 nodes each; one "
+                        "number for all (default 10,10,10,4,4: 190 slides, about 30 training slides per class)")
+    d.add_argument("--seeds", type=int, default=3, help="seeds per loss (default 3)")
+    d.add_argument("--epochs", type=int, default=40, help="most epochs per seed (default 40; early stopping)")
     d.add_argument("--verbose", action="store_true", help="show the training log")
     r = sub.add_parser("report", help="one comparison table over several training runs")
     r.add_argument("runs", nargs="+", help="run folders of `wsi-ncmi train`")
@@ -347,7 +352,17 @@ def _cmd_heatmap(args) -> int:
 def _cmd_demo(args) -> int:
     from wsi_ncmi.demo.run import run_demo
 
-    run_demo(args.out, args.patients_per_centre, seeds=args.seeds, epochs=args.epochs, verbose=args.verbose)
+    try:
+        counts = [int(v) for v in str(args.patients_per_centre).split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) not in (1, 5) or min(counts, default=0) < 1:
+        raise WsiNcmiError(f"--patients-per-centre {args.patients_per_centre}: give one count, or five "
+                           "comma-separated counts (one per centre), each at least 1")
+    if args.seeds < 1 or args.epochs < 1:
+        raise WsiNcmiError("--seeds and --epochs must be at least 1")
+    run_demo(args.out, counts[0] if len(counts) == 1 else tuple(counts), seeds=args.seeds, epochs=args.epochs,
+             verbose=args.verbose)
     return 0
 
 

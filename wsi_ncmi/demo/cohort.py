@@ -12,18 +12,25 @@ labels are written as the challenge's ``stage_labels.csv``.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.slides.open import open_slide, rgba_to_rgb
 from wsi_ncmi.slides.tiff_writer import write_pyramidal_tiff
 from wsi_ncmi.tasks.camelyon17 import CLASSES, pn_stage
 
 ITC_MAX_UM, MICRO_MAX_UM = 200.0, 2000.0
-DIAMETERS_UM = {1: (90.0, 170.0), 2: (450.0, 1500.0), 3: (2200.0, 2700.0)}   # per class, well inside each band
+DIAMETERS_UM = {1: (160.0, 190.0), 2: (400.0, 1200.0), 3: (2050.0, 2300.0)}   # per class, inside each band
+#: node labels of a patient, one pattern per pN stage: pN0(i+), pN1mi, pN1 (3 nodes with metastases,
+#: 2 macro), pN2 (4 nodes, 3 macro); four patients hold five nodes of each class
+PATIENT_PATTERNS = ((0, 0, 0, 1, 1), (0, 1, 2, 2, 2), (0, 1, 2, 3, 3), (1, 2, 3, 3, 3))
+ITC_FOCI = (4, 6)   # clusters per ITC node (CAMELYON counts every cluster < 0.2 mm as ITC)
 TINTS = [(1.00, 1.00, 1.00), (1.04, 0.94, 1.00), (0.95, 0.99, 1.05), (1.05, 1.00, 0.92), (0.96, 0.92, 1.04)]
 
 
@@ -43,6 +50,8 @@ class DemoSlide:
     label: int
     lesions: list[dict] = field(default_factory=list)   # {"x_um", "y_um", "diameter_um"}
     path: str = ""
+    width_um: float = 0.0
+    height_um: float = 0.0
 
 
 def _texture_source(mpp: float) -> np.ndarray:
@@ -90,61 +99,94 @@ def _tumour(img: np.ndarray) -> np.ndarray:
     return np.clip(t, 0, 255).astype(np.uint8)
 
 
-def _blob_mask(h: int, w: int, rng) -> np.ndarray:
-    """An irregular tissue outline: an ellipse with a wobbly edge, 85-90% of the slide."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+def _blob_mask(h: int, w: int, rng, step: int = 8) -> np.ndarray:
+    """An irregular tissue outline: an ellipse with a wobbly edge, 85-90% of the slide.
+
+    The edge function is smooth, so it is evaluated on a grid ``step`` px apart and interpolated:
+    the same outline at a sixtieth of the cost of a full-resolution grid.
+    """
+    hs, ws = h // step + 2, w // step + 2
+    yy, xx = np.mgrid[0:hs, 0:ws].astype(np.float32) * step
     cx, cy = w / 2, h / 2
     ang = np.arctan2(yy - cy, xx - cx)
     wob = 1 + sum(0.04 * np.sin(k * ang + rng.uniform(0, 6.3)) for k in (3, 5, 7))
     r = np.sqrt(((xx - cx) / (0.46 * w)) ** 2 + ((yy - cy) / (0.44 * h)) ** 2)
-    return r < wob
+    edge = cv2.resize((r - wob).astype(np.float32), (ws * step, hs * step), interpolation=cv2.INTER_LINEAR)
+    return edge[:h, :w] < 0
 
 
 def build_slide(path: Path, slide: DemoSlide, crops: list[np.ndarray], tumour_crops: list[np.ndarray],
                 width_um: float, height_um: float, mpp: float, rng) -> Path:
     w, h = int(width_um / mpp), int(height_um / mpp)
     tissue = _blob_mask(h, w, rng)
-    img = np.where(tissue[..., None], _tile_canvas(crops, h, w, rng), np.uint8(240))
-    img = img + rng.integers(0, 6, (h, w, 1), dtype=np.uint8) * (~tissue[..., None])
-    if slide.lesions:
-        tum = _tile_canvas(tumour_crops, h, w, rng)
-        yy, xx = np.ogrid[0:h, 0:w]
-        for les in slide.lesions:
-            cx, cy, r = les["x_um"] / mpp, les["y_um"] / mpp, les["diameter_um"] / 2 / mpp
-            disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-            img[disc] = tum[disc]
+    img = _tile_canvas(crops, h, w, rng)
+    for les in slide.lesions:   # each disc is filled from a tumour canvas of its own bounding box
+        cx, cy, r = les["x_um"] / mpp, les["y_um"] / mpp, les["diameter_um"] / 2 / mpp
+        x0, y0 = max(0, int(cx - r) - 1), max(0, int(cy - r) - 1)
+        x1, y1 = min(w, int(np.ceil(cx + r)) + 2), min(h, int(np.ceil(cy + r)) + 2)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        box = img[y0:y1, x0:x1]
+        box[disc] = _tile_canvas(tumour_crops, y1 - y0, x1 - x0, rng)[disc]
     tint = np.array(TINTS[slide.centre % len(TINTS)], np.float32)   # stain differs by centre; glass does not
-    img[tissue] = np.clip(img[tissue].astype(np.float32) * tint, 0, 255).astype(np.uint8)
+    lut = np.clip(np.arange(256, dtype=np.float32)[:, None] * tint[None], 0, 255).astype(np.uint8)
+    img = cv2.LUT(img, lut.reshape(256, 1, 3))
+    glass = np.full((h, w), 240, np.uint8) + rng.integers(0, 6, (h, w), dtype=np.uint8)
+    img = np.where(tissue[..., None], img, glass[..., None])
     return write_pyramidal_tiff(path, img, mpp, quality=88)
 
 
-def plan_cohort(patients_per_centre: int = 2, nodes: int = 5, width_um: float = 5600, height_um: float = 4200,
-                seed: int = 0, centres: int = 5) -> list[DemoSlide]:
-    """Who has which lesions; labels cycle so every centre sees every class."""
+def per_centre(patients_per_centre: int | list[int] | tuple[int, ...], centres: int) -> list[int]:
+    """Patients in each centre: one count for all, or one per centre."""
+    if isinstance(patients_per_centre, int):
+        return [patients_per_centre] * centres
+    counts = [int(n) for n in patients_per_centre]
+    if len(counts) != centres:
+        raise ValueError(f"patients_per_centre has {len(counts)} counts for {centres} centres")
+    return counts
+
+
+def plan_cohort(patients_per_centre: int | list[int] | tuple[int, ...] = 2, nodes: int = 5, width_um: float = 5600,
+                height_um: float = 4200, seed: int = 0, centres: int = 5) -> list[DemoSlide]:
+    """Who has which lesions.
+
+    With five nodes a patient follows one of ``PATIENT_PATTERNS`` (cycled, node order shuffled), so
+    patients span four pN stages and every four patients hold five nodes of each class. With fewer
+    nodes (the tests' small cohorts) the labels simply cycle, so every centre sees every class.
+    """
     rng = np.random.default_rng(seed)
     slides = []
     k = 0
-    for centre in range(centres):
-        for p in range(patients_per_centre):
+    for centre, n_patients in enumerate(per_centre(patients_per_centre, centres)):
+        for p in range(n_patients):
             pid = centre * 20 + p
-            for node in range(nodes):
-                label = (k + centre) % 4
-                k += 1
+            if nodes == 5:
+                labels = [int(v) for v in rng.permutation(PATIENT_PATTERNS[(p + centre) % len(PATIENT_PATTERNS)])]
+            else:
+                labels = [(k + i + centre) % 4 for i in range(nodes)]
+                k += nodes
+            for node, label in enumerate(labels):
                 lesions = []
                 if label:
-                    lo, hi = DIAMETERS_UM[label]
-                    d = float(rng.uniform(lo, hi))
-                    lesions.append(_place(d, width_um, height_um, rng))
-                    if label >= 2 and rng.random() < 0.5:   # sometimes a smaller satellite, apart from it
-                        d2 = float(rng.uniform(*DIAMETERS_UM[1]))
-                        for _ in range(50):
-                            sat = _place(d2, width_um, height_um, rng)
-                            gap = np.hypot(sat["x_um"] - lesions[0]["x_um"], sat["y_um"] - lesions[0]["y_um"])
-                            if gap > (d + d2) / 2 + 150:
-                                lesions.append(sat)
-                                break
-                slides.append(DemoSlide(f"patient_{pid:03d}_node_{node}", pid, centre, label, lesions))
+                    lesions.append(_place(float(rng.uniform(*DIAMETERS_UM[label])), width_um, height_um, rng))
+                    # ITC nodes hold ITC_FOCI clusters; larger lesions sometimes a smaller satellite
+                    extra = int(rng.integers(ITC_FOCI[0], ITC_FOCI[1] + 1)) - 1 if label == 1 else int(rng.random() < 0.5)
+                    for _ in range(extra):
+                        _add_apart(lesions, float(rng.uniform(*DIAMETERS_UM[1])), width_um, height_um, rng)
+                slides.append(DemoSlide(f"patient_{pid:03d}_node_{node}", pid, centre, label, lesions,
+                                        width_um=width_um, height_um=height_um))
     return slides
+
+
+def _add_apart(lesions: list[dict], d: float, width_um: float, height_um: float, rng, gap_um: float = 150) -> None:
+    """Add a lesion of diameter ``d`` at least ``gap_um`` from every other one (CAMELYON measures
+    each cluster on its own, so clusters must not touch); skipped after 50 failed draws."""
+    for _ in range(50):
+        new = _place(d, width_um, height_um, rng)
+        if all(np.hypot(new["x_um"] - o["x_um"], new["y_um"] - o["y_um"]) > (d + o["diameter_um"]) / 2 + gap_um
+               for o in lesions):
+            lesions.append(new)
+            return
 
 
 def _place(d: float, width_um: float, height_um: float, rng) -> dict:
@@ -155,28 +197,60 @@ def _place(d: float, width_um: float, height_um: float, rng) -> dict:
             "diameter_um": d}
 
 
-def build_cohort(out: str | Path, patients_per_centre: int = 2, nodes: int = 5, mpp: float = 1.0,
+_SHARED = None   # (crops, tumour crops, width_um, height_um, mpp, seed) while a cohort is built
+
+
+def _build_one(s: DemoSlide) -> None:
+    crops, tumour_crops, width_um, height_um, mpp, seed = _SHARED
+    rng = np.random.default_rng([seed, s.patient, int(s.slide_id[-1])])
+    part = Path(s.path).with_name(f".{Path(s.path).name}.part")
+    build_slide(part, s, crops, tumour_crops, width_um, height_um, mpp, rng)
+    part.replace(s.path)
+
+
+def build_cohort(out: str | Path, patients_per_centre: int | list[int] | tuple[int, ...] = 2, nodes: int = 5, mpp: float = 1.0,
                  width_um: float = 5600, height_um: float = 4200, seed: int = 0, progress: bool = True,
-                 centres: int = 5) -> Path:
-    """Write ``slides/*.tif``, ``stage_labels.csv`` and ``lesions.json`` into ``out``; skip existing slides."""
+                 centres: int = 5, workers: int = 0) -> Path:
+    """Write ``slides/*.tif``, ``stage_labels.csv`` and ``lesions.json`` into ``out``; skip existing slides.
+
+    ``workers``: slide-building processes (0: one per core, at most 4). A folder holding a cohort of
+    another plan (other sizes, counts or an older design) is refused: its slides, features and runs
+    would not match the new lesions.
+    """
     from tqdm.auto import tqdm
 
     out = Path(out)
     sdir = out / "slides"
     sdir.mkdir(parents=True, exist_ok=True)
     plan = plan_cohort(patients_per_centre, nodes, width_um, height_um, seed, centres)
-    todo = [s for s in plan if not (sdir / f"{s.slide_id}.tif").exists()]
-    if todo:
-        tex = _texture_source(mpp)
-        crops = _tissue_crops(tex, 256)
-        tumour_crops = [_tumour(c) for c in crops]
-        for s in tqdm(todo, desc="demo slides", unit="slide", disable=None if progress else True):
-            rng = np.random.default_rng([seed, s.patient, int(s.slide_id[-1])])
-            part = sdir / f".{s.slide_id}.tif.part"
-            build_slide(part, s, crops, tumour_crops, width_um, height_um, mpp, rng)
-            part.replace(sdir / f"{s.slide_id}.tif")
     for s in plan:
         s.path = str(sdir / f"{s.slide_id}.tif")
+    record = out / "lesions.json"
+    geometry = lambda slides: [{k: v for k, v in d.items() if k != "path"} for d in slides]   # noqa: E731
+    if record.is_file() and geometry(json.loads(record.read_text())) != geometry(json.loads(json.dumps(
+            [asdict(s) for s in plan]))):
+        raise WsiNcmiError(f"{out}: holds a demo cohort of another plan (other settings or an older wsi-ncmi); "
+                           "pass a new --out, or delete the folder to rebuild it")
+    todo = [s for s in plan if not (sdir / f"{s.slide_id}.tif").exists()]
+    if todo:
+        global _SHARED
+        tex = _texture_source(mpp)
+        crops = _tissue_crops(tex, 256)
+        _SHARED = (crops, [_tumour(c) for c in crops], width_um, height_um, mpp, seed)
+        workers = min(len(todo), workers or min(4, os.cpu_count() or 1))
+        bar = tqdm(total=len(todo), desc="demo slides", unit="slide", disable=None if progress else True)
+        try:
+            if workers <= 1:
+                for s in todo:
+                    _build_one(s)
+                    bar.update()
+            else:   # fork: the workers inherit the texture crops instead of receiving them pickled
+                with mp.get_context("fork").Pool(workers) as pool:
+                    for _ in pool.imap_unordered(_build_one, todo):
+                        bar.update()
+        finally:
+            bar.close()
+            _SHARED = None
     lines = ["patient,stage"]
     for pid in sorted({s.patient for s in plan}):
         nodes_ = [s for s in plan if s.patient == pid]

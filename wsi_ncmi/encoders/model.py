@@ -60,6 +60,7 @@ class Encoder(nn.Module):
         self._compiled = None
         self._compiled_batch = 0
         self._channels_last = False
+        self.patch_input = False       # True: patches go in at their own size (``use_patch_input``)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -189,7 +190,9 @@ class Encoder(nn.Module):
     def preprocess(self, x_uint8_nhwc: torch.Tensor) -> torch.Tensor:
         x = x_uint8_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
         s = self.spec
-        if s.resize == "resize-crop":
+        if self.patch_input:
+            pass
+        elif s.resize == "resize-crop":
             if x.shape[-1] != s.resize_to or x.shape[-2] != s.resize_to:
                 x = F.interpolate(x, size=(s.resize_to, s.resize_to), mode="bilinear", antialias=True, align_corners=False)
             off = (s.resize_to - s.input_size) // 2
@@ -228,6 +231,20 @@ class Encoder(nn.Module):
     def is_convnet(self) -> bool:
         """More than one 2-D convolution: a CNN (a ViT has one, its patch embedding)."""
         return sum(isinstance(m, nn.Conv2d) for m in self.trunk.modules()) > 1
+
+    def use_patch_input(self) -> None:
+        """Feed patches at their own size instead of resizing them to the card's input size
+        (``--encoder-input patch``).
+
+        Why: a CNN ends in global pooling, so it embeds any size, and its cost grows with the pixels
+        it sees. CLAM feeds its truncated ResNet the 256 px patch as cut. A 112 px patch upsampled to
+        224 px costs four times as much and carries no more detail. A ViT's position embeddings fix
+        its grid, so ViTs are refused.
+        """
+        if not self.is_convnet():
+            raise WsiNcmiError(f"--encoder-input patch: encoder '{self.spec.name}' is not a CNN (a ViT's position "
+                               "embeddings fix its input size); use --encoder-input model")
+        self.patch_input = True
 
     def use_compile(self, mode: str | None = None) -> str:
         """Compile ``embed`` with ``torch.compile`` (and put a CNN in channels-last); returns the state.

@@ -23,6 +23,7 @@ class ExtractConfig:
     out: str = "features"
     encoder: str = "resnet50_trunc"
     weights: str | None = None
+    encoder_input: str = "model"      # model: resize patches to the encoder's input size; patch: as cut (CNNs)
     mpp: float = 0.5                  # target microns per pixel of the patches
     patch_size: int = 256             # patch side in px at the target mpp
     min_tissue: float = 0.25          # keep a patch when at least this fraction is tissue
@@ -77,6 +78,9 @@ class ExtractConfig:
             raise WsiNcmiError(f"--patch-size {self.patch_size}: use 16-4096 px (typical: 224 or 256)")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise WsiNcmiError(f"--min-tissue {self.min_tissue}: a fraction between 0 and 1")
+        if self.encoder_input not in ("model", "patch"):
+            raise WsiNcmiError(f"--encoder-input {self.encoder_input}: choose model (resize patches to the encoder's "
+                               "input size) or patch (feed them at --patch-size; CNN encoders only)")
         if self.reader not in ("auto", "openslide"):
             raise WsiNcmiError(f"--reader {self.reader}: choose auto (raw JPEG tiles when possible) or openslide")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):

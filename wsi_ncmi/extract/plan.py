@@ -52,7 +52,7 @@ def settings_fingerprint(cfg: ExtractConfig, tissue_source: str = "detection") -
     GeoJSON was edited after extraction no longer matches its old file.
     """
     keys = ("encoder", "mpp", "patch_size", "min_tissue", "tissue_mpp", "min_saturation", "max_saturation",
-            "min_region_um2", "max_hole_um2", "remove_pen")
+            "min_region_um2", "max_hole_um2", "remove_pen", "encoder_input")
     d = {k: getattr(cfg, k) for k in keys}
     d["weights"] = Path(cfg.weights).name if cfg.weights else None
     d["tissue_source"] = tissue_source
@@ -128,6 +128,7 @@ def plan_slide(path: Path, cfg: ExtractConfig, csv_mpp: dict | None, out: Path) 
             "reader": reader, "reader_note": reader_note,
             "tissue_method": params.to_dict(), "tissue_threshold": tm.threshold, "min_tissue": cfg.min_tissue,
             "tissue_source": tm.source, "tissue_geojson": str(geojson.resolve()) if geojson else "",
+            "encoder_input": cfg.encoder_input,
             "remove_pen": cfg.remove_pen, "pen_rule": PEN_RULE if cfg.remove_pen else "",
             "pen_fraction": tm.pen_fraction,
             # set when the export reads back to this very mask: an unedited export passed back

@@ -101,6 +101,8 @@ class _Extraction:
 
             encoder = create_encoder(cfg.encoder, cfg.weights, device=self.device)
         self.encoder = encoder.to(self.device)
+        if cfg.encoder_input == "patch":
+            self.encoder.use_patch_input()
         if cfg.compile_on(self.device.type):
             self.encoder.use_compile()
         self.precision = resolve_precision(cfg.precision, self.encoder.spec.precision, self.device)

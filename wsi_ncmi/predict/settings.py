@@ -60,6 +60,8 @@ def build_encoder(cfg: ExtractConfig, prov: dict):
     from wsi_ncmi.extract.runner import resolve_device
 
     enc = create_encoder(cfg.encoder, cfg.weights, device=resolve_device(cfg.device))
+    if cfg.encoder_input == "patch":
+        enc.use_patch_input()
     want = prov.get("weights_id")
     if want and enc.weights_id != want:
         raise WsiNcmiError(f"encoder '{cfg.encoder}': its weights are now {enc.weights_id}, but the run's features "

@@ -21,7 +21,7 @@ from wsi_ncmi.store.h5 import read_attrs
 
 FILE_NAME = "features.json"
 #: fingerprint keys added after files were written without them, with the value those files had
-FINGERPRINT_DEFAULTS = {"remove_pen": False, "tissue_source": "detection"}
+FINGERPRINT_DEFAULTS = {"remove_pen": False, "tissue_source": "detection", "encoder_input": "model"}
 #: fingerprint keys that belong to one slide, not to the run's settings (a mask drawn for one slide)
 PER_SLIDE_KEYS = ("tissue_source",)
 

@@ -1,0 +1,72 @@
+"""Does the attention find the lesions? Lesion average precision on the demo's test slides.
+
+The demo knows where every lesion is (``lesions.json``: centre and diameter in µm), so a model's
+attention can be scored as a detector: on each micro and macro test slide, rank the patches by
+attention and compute the average precision against "the patch touches a lesion" (the disc and
+the patch square overlap). Slides are scored one by one, because attention is normalised within a
+bag, and the slide APs are averaged; the chance level is the mean fraction of touching patches.
+ITC slides are left out: their one or two touching patches make an AP of almost no information.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCORED_LABELS = (2, 3)   # micro, macro
+
+
+def patches_touching(coords: np.ndarray, extent: tuple[float, float], lesions: list[dict], mpp0: float) -> np.ndarray:
+    """(N,) bool: the level-0 patch square at ``coords`` (top-left, px) overlaps a lesion disc.
+
+    A disc and an axis-aligned box overlap when the box point nearest the disc centre lies within
+    the radius. ``mpp0``: the slide's level-0 µm/px (lesions are in µm; the demo's pixels are square).
+    """
+    c = np.asarray(coords, np.float64).reshape(-1, 2)
+    touch = np.zeros(len(c), bool)
+    for les in lesions:
+        cx, cy, r = les["x_um"] / mpp0, les["y_um"] / mpp0, les["diameter_um"] / 2 / mpp0
+        dx = np.maximum(np.maximum(c[:, 0] - cx, 0.0), cx - (c[:, 0] + extent[0]))
+        dy = np.maximum(np.maximum(c[:, 1] - cy, 0.0), cy - (c[:, 1] + extent[1]))
+        touch |= dx * dx + dy * dy <= r * r
+    return touch
+
+
+@dataclass
+class LesionAP:
+    ap: float            # mean over members (seeds) of the mean slide AP
+    std: float           # across members
+    chance: float        # mean fraction of touching patches (the AP of a random ranking)
+    slides: int
+    per_slide: dict      # slide_id -> list of APs, one per member
+
+
+def lesion_ap(run: str | Path, features: str | Path, plan: list[dict], test_centres: tuple[int, ...] = (3, 4)) -> LesionAP:
+    """Lesion AP of every seed of ``run`` on the micro and macro slides of the test centres."""
+    import torch
+    from sklearn.metrics import average_precision_score
+
+    from wsi_ncmi.predict.members import load_members, score_bag
+    from wsi_ncmi.store.h5 import read_feature_file
+
+    members, per_slide, chance = None, {}, []
+    for s in plan:
+        if s["centre"] not in test_centres or s["label"] not in SCORED_LABELS:
+            continue
+        ff = read_feature_file(Path(features) / f"{s['slide_id']}.h5")
+        if members is None:
+            members = load_members(run, ff.features.shape[1])
+        a = ff.attrs
+        extent = (float(a["patch_size_level0_x"]), float(a["patch_size_level0_y"]))
+        touch = patches_touching(ff.coords, extent, s["lesions"], float(a["mpp_x"]))
+        if touch.all() or not touch.any():
+            continue
+        bag = score_bag(members, torch.from_numpy(np.asarray(ff.features, np.float32)))
+        per_slide[s["slide_id"]] = [float(average_precision_score(touch, att)) for att in bag.attention]
+        chance.append(float(touch.mean()))
+    if not per_slide:
+        return LesionAP(float("nan"), float("nan"), float("nan"), 0, {})
+    per_member = np.array(list(per_slide.values())).mean(0)
+    return LesionAP(float(per_member.mean()), float(per_member.std()), float(np.mean(chance)), len(per_slide), per_slide)
