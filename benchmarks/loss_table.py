@@ -36,7 +36,7 @@ from pathlib import Path
 
 from wsi_ncmi.mil.synthetic import make_cohort
 from wsi_ncmi.train.config import TrainConfig
-from wsi_ncmi.train.compare import interval, paired_bootstrap, paired_difference, test_predictions
+from wsi_ncmi.train.compare import interval, paired_bootstrap, paired_difference, read_test_predictions
 from wsi_ncmi.train.run import run_training
 from wsi_ncmi.train.trainer import selection_value
 
@@ -126,7 +126,7 @@ def main() -> None:
             trials.append((selection_value(m["val"], crit), kw))
         best = max(trials, key=lambda t: (t[0], -t[1]["lr"]))[1]
         chosen[loss] = best
-        members[loss] = [test_predictions(_train(base, best, s, work)) for s in range(1, args.seeds + 1)]
+        members[loss] = [read_test_predictions(_train(base, best, s, work)) for s in range(1, args.seeds + 1)]
         knobs = {k: v for k, v in best.items() if k != "loss"}
         print(f"{loss:16s} chose {knobs} on validation  ({time.perf_counter() - t0:.0f} s)", flush=True)
     C = members[losses[0]][0][3].shape[1]

@@ -85,10 +85,10 @@ def test_patches_touching_a_lesion_match_the_pixels():
 
 def test_demo_cohort_design():
     """The default cohort: about 30 training slides per class in centres 0-2 (after validation
-    takes a fifth), ten test slides per class, ITC nodes with 2-4 clusters, and patients that span
-    four pN stages; a folder of another plan is refused, not silently reused."""
+    takes a fifth), ten test slides per class, ITC nodes with 4-6 clusters, and patients that span
+    four pN stages."""
     from wsi_ncmi.demo.cohort import ITC_FOCI, plan_cohort
-    from wsi_ncmi.demo.run import DEMO_COHORT, DEMO_EXTRACT
+    from wsi_ncmi.demo.run import DEMO_COHORT
     from wsi_ncmi.tasks.camelyon17 import pn_stage
 
     c = DEMO_COHORT
@@ -101,16 +101,27 @@ def test_demo_cohort_design():
     assert all(label_from_diameters([l["diameter_um"] for l in s.lesions]) == s.label for s in plan)
     stages = {pn_stage([s.label for s in plan if s.patient == p]) for p in {s.patient for s in plan if s.centre >= 3}}
     assert len(stages) == 4
-    assert DEMO_EXTRACT["patch_size"] * DEMO_EXTRACT["mpp"] <= 224      # an ITC covers a good part of a patch
 
 
 def test_demo_refuses_a_folder_of_another_plan(tmp_path):
     from wsi_ncmi.errors import WsiNcmiError
 
-    build_cohort(tmp_path, patients_per_centre=1, nodes=1, centres=1, progress=False, width_um=1500, height_um=1500)
+    """Slides of another plan are never reused under new labels: a finished or interrupted build of
+    other settings, and slides without a cohort record (an older wsi-ncmi), are refused; the same
+    plan resumes."""
+    kw = dict(patients_per_centre=1, nodes=2, centres=1, progress=False, height_um=1500)
+    build_cohort(tmp_path / "a", width_um=1500, **kw)
     with pytest.raises(WsiNcmiError, match="another plan"):
-        build_cohort(tmp_path, patients_per_centre=1, nodes=1, centres=1, progress=False, width_um=1600,
-                     height_um=1500)
+        build_cohort(tmp_path / "a", width_um=1600, **kw)
+    (tmp_path / "a" / "slides" / "patient_000_node_1.tif").unlink()          # interrupted: one slide missing
+    (tmp_path / "a" / "lesions.json").unlink()
+    with pytest.raises(WsiNcmiError, match="another plan"):
+        build_cohort(tmp_path / "a", width_um=1600, **kw)
+    build_cohort(tmp_path / "a", width_um=1500, **kw)                        # the same plan resumes
+    assert (tmp_path / "a" / "slides" / "patient_000_node_1.tif").is_file()
+    (tmp_path / "a" / "cohort.json").unlink()                                 # an older wsi-ncmi's folder
+    with pytest.raises(WsiNcmiError, match="another plan"):
+        build_cohort(tmp_path / "a", width_um=1500, **kw)
 
 
 @pytest.mark.slow
@@ -125,7 +136,7 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     for stage in ("[1/5]", "[5/5]", "lesion AP", "NCMI - CE, paired", "total ", "train ce "):
         assert stage in first, stage
     d = out["ncmi_minus_ce"]["macro_f1"]
-    assert d[1] <= d[0] <= d[2]
+    assert np.isfinite(d).all() and d[1] <= d[2]
     plan = {s["slide_id"]: s for s in json.loads((tmp_path / "lesions.json").read_text())}
     checked = 0
     for loss in ("ncmi", "ce"):

@@ -333,7 +333,7 @@ def test_encoder_input_patch_embeds_the_patch_as_cut(tmp_path):
     from conftest import make_tissue_slide
 
     from wsi_ncmi.extract import run_extraction
-    from wsi_ncmi.predict.settings import extract_config
+    from wsi_ncmi.predict.settings import build_encoder, extract_config
     from wsi_ncmi.store.provenance import file_provenance
 
     weights = tmp_path / "r10.pth"
@@ -356,10 +356,11 @@ def test_encoder_input_patch_embeds_the_patch_as_cut(tmp_path):
         feats[mode] = read_feature_file(tmp_path / mode / "s.h5")
         prov = file_provenance(tmp_path / mode / "s.h5")
         assert prov["settings"]["encoder_input"] == mode
-        assert extract_config(prov, [], tmp_path, weights=str(weights)).encoder_input == mode
+        again = extract_config(prov, [], tmp_path, weights=str(weights))     # how predict re-extracts
+        assert again.encoder_input == mode and build_encoder(again, prov).patch_input == (mode == "patch")
     assert np.array_equal(feats["model"].coords, feats["patch"].coords)
     assert np.abs(feats["model"].features - feats["patch"].features).max() > 1e-3
-    with pytest.raises(WsiNcmiError, match="not a CNN"):
+    with pytest.raises(WsiNcmiError, match="not a plain CNN"):
         _tiny_vit().use_patch_input()
     with pytest.raises(WsiNcmiError, match="--encoder-input"):
         ExtractConfig(encoder_input="native").validate()

@@ -78,8 +78,10 @@ def test_run_folder_contents(cohort, tmp_path):
     assert 0 < m["val"]["score_temperature"] and len(t["per_class_f1"]) == 4
     with open(s0 / "predictions_test.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["slide_id", "label", "pred", "p_0", "p_1", "p_2", "p_3", "attention_entropy"]
+    assert list(rows[0]) == ["slide_id", "label", "pred", "p_0", "p_1", "p_2", "p_3",
+                             "logp_0", "logp_1", "logp_2", "logp_3", "attention_entropy"]
     assert all(abs(sum(float(r[f"p_{k}"]) for k in range(4)) - 1) < 1e-4 for r in rows)
+    assert all(abs(np.exp(float(r[f"logp_{k}"])) - float(r[f"p_{k}"])) < 1e-8 for r in rows for k in range(4))
     assert "± " in (out / "metrics.md").read_text()
 
 

@@ -30,7 +30,8 @@ DIAMETERS_UM = {1: (160.0, 190.0), 2: (400.0, 1200.0), 3: (2050.0, 2300.0)}   # 
 #: node labels of a patient, one pattern per pN stage: pN0(i+), pN1mi, pN1 (3 nodes with metastases,
 #: 2 macro), pN2 (4 nodes, 3 macro); four patients hold five nodes of each class
 PATIENT_PATTERNS = ((0, 0, 0, 1, 1), (0, 1, 2, 2, 2), (0, 1, 2, 3, 3), (1, 2, 3, 3, 3))
-ITC_FOCI = (4, 6)   # clusters per ITC node (CAMELYON counts every cluster < 0.2 mm as ITC)
+ITC_FOCI = (4, 6)
+DESIGN = 3   # bump when the slides of a plan change (drawing, sizes, lesions): old demo folders are refused   # clusters per ITC node (CAMELYON counts every cluster < 0.2 mm as ITC)
 TINTS = [(1.00, 1.00, 1.00), (1.04, 0.94, 1.00), (0.95, 0.99, 1.05), (1.05, 1.00, 0.92), (0.96, 0.92, 1.04)]
 
 
@@ -65,7 +66,7 @@ def _texture_source(mpp: float) -> np.ndarray:
     return cv2.resize(img, (int(img.shape[1] * f), int(img.shape[0] * f)), interpolation=cv2.INTER_AREA)
 
 
-def _tissue_crops(tex: np.ndarray, size: int) -> list[np.ndarray]:
+def _tissue_crops(tex: np.ndarray, size: int, min_fraction: float = 0.8) -> list[np.ndarray]:
     from wsi_ncmi.slides.tissue import TissueParams, detect_tissue
 
     out = []
@@ -74,7 +75,7 @@ def _tissue_crops(tex: np.ndarray, size: int) -> list[np.ndarray]:
         for x in range(0, tex.shape[1] - size + 1, step):
             c = tex[y:y + size, x:x + size]
             m, _ = detect_tissue(c, 1.0, TissueParams(min_region_um2=0, max_hole_um2=0))
-            if m.mean() > 0.8:
+            if m.mean() > min_fraction:
                 out.append(np.ascontiguousarray(c))
     return out
 
@@ -202,7 +203,7 @@ _SHARED = None   # (crops, tumour crops, width_um, height_um, mpp, seed) while a
 
 def _build_one(s: DemoSlide) -> None:
     crops, tumour_crops, width_um, height_um, mpp, seed = _SHARED
-    rng = np.random.default_rng([seed, s.patient, int(s.slide_id[-1])])
+    rng = np.random.default_rng([seed, s.patient, int(s.slide_id.rsplit("_", 1)[1])])
     part = Path(s.path).with_name(f".{Path(s.path).name}.part")
     build_slide(part, s, crops, tumour_crops, width_um, height_um, mpp, rng)
     part.replace(s.path)
@@ -213,9 +214,11 @@ def build_cohort(out: str | Path, patients_per_centre: int | list[int] | tuple[i
                  centres: int = 5, workers: int = 0) -> Path:
     """Write ``slides/*.tif``, ``stage_labels.csv`` and ``lesions.json`` into ``out``; skip existing slides.
 
-    ``workers``: slide-building processes (0: one per core, at most 4). A folder holding a cohort of
-    another plan (other sizes, counts or an older design) is refused: its slides, features and runs
-    would not match the new lesions.
+    ``workers``: slide-building processes (0: one per core, at most 4; one where ``fork`` is not
+    available). ``cohort.json`` records the design version and these arguments before any slide is
+    written; a folder holding slides of another record (other sizes or counts, an older design, or
+    no record: an older wsi-ncmi) is refused, since its slides, features and runs would not match
+    the new lesions. An interrupted build resumes.
     """
     from tqdm.auto import tqdm
 
@@ -225,22 +228,27 @@ def build_cohort(out: str | Path, patients_per_centre: int | list[int] | tuple[i
     plan = plan_cohort(patients_per_centre, nodes, width_um, height_um, seed, centres)
     for s in plan:
         s.path = str(sdir / f"{s.slide_id}.tif")
-    record = out / "lesions.json"
-    geometry = lambda slides: [{k: v for k, v in d.items() if k != "path"} for d in slides]   # noqa: E731
-    if record.is_file() and geometry(json.loads(record.read_text())) != geometry(json.loads(json.dumps(
-            [asdict(s) for s in plan]))):
+    record = out / "cohort.json"
+    want = {"design": DESIGN, "patients_per_centre": per_centre(patients_per_centre, centres), "nodes": nodes,
+            "width_um": float(width_um), "height_um": float(height_um), "mpp": float(mpp), "seed": seed}
+    have = json.loads(record.read_text()) if record.is_file() else None
+    if have != want and (have is not None or any(sdir.glob("*.tif"))):
         raise WsiNcmiError(f"{out}: holds a demo cohort of another plan (other settings or an older wsi-ncmi); "
                            "pass a new --out, or delete the folder to rebuild it")
+    record.write_text(json.dumps(want, indent=1))
     todo = [s for s in plan if not (sdir / f"{s.slide_id}.tif").exists()]
     if todo:
         global _SHARED
         tex = _texture_source(mpp)
         crops = _tissue_crops(tex, 256)
-        _SHARED = (crops, [_tumour(c) for c in crops], width_um, height_um, mpp, seed)
+        # tumour from the densest crops only: a metastasis is solid, and an ITC cut from a crop with
+        # a pale gap would be smaller than its recorded diameter
+        dense = _tissue_crops(tex, 256, 0.95) or crops
+        _SHARED = (crops, [_tumour(c) for c in dense], width_um, height_um, mpp, seed)
         workers = min(len(todo), workers or min(4, os.cpu_count() or 1))
         bar = tqdm(total=len(todo), desc="demo slides", unit="slide", disable=None if progress else True)
         try:
-            if workers <= 1:
+            if workers <= 1 or "fork" not in mp.get_all_start_methods():
                 for s in todo:
                     _build_one(s)
                     bar.update()

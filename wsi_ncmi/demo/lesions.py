@@ -43,8 +43,10 @@ class LesionAP:
     per_slide: dict      # slide_id -> list of APs, one per member
 
 
-def lesion_ap(run: str | Path, features: str | Path, plan: list[dict], test_centres: tuple[int, ...] = (3, 4)) -> LesionAP:
-    """Lesion AP of every seed of ``run`` on the micro and macro slides of the test centres."""
+def lesion_ap(run: str | Path, features: str | Path, plan: list[dict], test_centres: tuple[int, ...] = (3, 4),
+              seeds: list[int] | None = None) -> LesionAP:
+    """Lesion AP of the seeds of ``run`` (``seeds``, default all) on the micro and macro slides of the
+    test centres that have both touching and other patches."""
     import torch
     from sklearn.metrics import average_precision_score
 
@@ -57,7 +59,10 @@ def lesion_ap(run: str | Path, features: str | Path, plan: list[dict], test_cent
             continue
         ff = read_feature_file(Path(features) / f"{s['slide_id']}.h5")
         if members is None:
-            members = load_members(run, ff.features.shape[1])
+            members = [m for m in load_members(run, ff.features.shape[1])
+                       if seeds is None or m.name in {f"seed_{k}" for k in seeds}]
+            if not members:
+                raise ValueError(f"{run}: none of seeds {seeds} is trained")
         a = ff.attrs
         extent = (float(a["patch_size_level0_x"]), float(a["patch_size_level0_y"]))
         touch = patches_touching(ff.coords, extent, s["lesions"], float(a["mpp_x"]))

@@ -70,7 +70,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     from wsi_ncmi.demo.lesions import lesion_ap
     from wsi_ncmi.extract import ExtractConfig, run_extraction
     from wsi_ncmi.predict.heatmap import save_heatmap
-    from wsi_ncmi.train.compare import paired_bootstrap, paired_difference, test_predictions
+    from wsi_ncmi.train.compare import paired_bootstrap, paired_difference, read_test_predictions
     from wsi_ncmi.train.config import TrainConfig
     from wsi_ncmi.train.run import run_training
 
@@ -95,7 +95,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
                           val_fraction=0.2)   # whole patients; several validation slides per class
         with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
             results[loss] = run_training(cfg)
-        aps[loss] = lesion_ap(out / "runs" / loss, out / "features", plan, TEST_CENTRES)
+        aps[loss] = lesion_ap(out / "runs" / loss, out / "features", plan, TEST_CENTRES, list(range(seeds)))
     st.start("heatmaps", "attention and information heatmaps, paired comparison")
     heatmaps = []
     test = [s for s in plan if s["centre"] in TEST_CENTRES]
@@ -111,12 +111,12 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     classes = results[losses[0]]["classes"]
     diff = None
     if {"ncmi", "ce"} <= set(losses):
-        members = {loss: [test_predictions(out / "runs" / loss / f"seed_{k}") for k in range(seeds)] for loss in losses}
+        members = {loss: [read_test_predictions(out / "runs" / loss / f"seed_{k}") for k in range(seeds)] for loss in losses}
         diff = paired_difference(paired_bootstrap(members, len(classes), bootstrap), "ncmi", "ce")
     st.end()
-    table = comparison_table(results, aps, seeds, diff)
+    table = demo_table(results, aps, seeds, diff)
     report = out / "report.md"
-    report.write_text(_report(out, table, results, aps, heatmaps, ex, classes, st.times))
+    report.write_text(_report(out, table, results, aps, heatmaps, ex, classes, st.times, seeds))
     print("\n" + table)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in st.times.items()))
     print(f"pictures: {out / 'features' / 'thumbnails'}/*.png (tissue + patch grid), "
@@ -130,8 +130,8 @@ def _cell(t: dict, k: str) -> str:
     return f"{v['mean']:.3f} ± {v['std']:.3f}" if v else "n/a"
 
 
-def comparison_table(results: dict, aps: dict, seeds: int, diff: dict | None = None,
-                     title: str = "CAMELYON-17-like demo, test centres 3-4") -> str:
+def demo_table(results: dict, aps: dict, seeds: int, diff: dict | None = None,
+               title: str = "CAMELYON-17-like demo, test centres 3-4") -> str:
     lines = [f"{title}, mean ± std over {seeds} seed(s)", "",
              "| loss | " + " | ".join(name for _, name in ROWS) + " | lesion AP |",
              "|---" * (len(ROWS) + 2) + "|"]
@@ -149,10 +149,10 @@ def comparison_table(results: dict, aps: dict, seeds: int, diff: dict | None = N
     return "\n".join(lines)
 
 
-def _confusion_md(run: Path, classes: list[str]) -> str:
-    """Test confusion matrix summed over the seeds, with each class's recall."""
-    cms = [np.array(json.loads((d / "metrics.json").read_text())["test"]["confusion"])
-           for d in sorted(run.glob("seed_*")) if (d / "metrics.json").is_file()]
+def _confusion_md(run: Path, classes: list[str], seeds: int) -> str:
+    """Test confusion matrix summed over the demo's seeds, with each class's recall."""
+    cms = [np.array(json.loads((run / f"seed_{k}" / "metrics.json").read_text())["test"]["confusion"])
+           for k in range(seeds)]
     cm = np.sum(cms, 0)
     rows = ["| true \\ predicted | " + " | ".join(classes) + " | recall |", "|---" * (len(classes) + 2) + "|"]
     for i, c in enumerate(classes):
@@ -162,7 +162,7 @@ def _confusion_md(run: Path, classes: list[str]) -> str:
 
 
 def _report(out: Path, table: str, results: dict, aps: dict, heatmaps: list, ex, classes: list[str],
-            times: dict) -> str:
+            times: dict, seeds: int) -> str:
     rel = lambda p: Path(p).resolve().relative_to(out.resolve()).as_posix()   # noqa: E731
     thumbs = sorted((out / "features" / "thumbnails").glob("*.png"))[:4]
     parts = ["# wsi-ncmi demo report", "", table, "",
@@ -171,7 +171,7 @@ def _report(out: Path, table: str, results: dict, aps: dict, heatmaps: list, ex,
              f"{ex.tiles:,} tiles at {ex.tiles_per_s:.1f} tiles/s this run.", ""]
     parts += ["## Confusion matrices (test)", ""]
     for loss in results:
-        parts += [f"### {loss}", "", _confusion_md(out / "runs" / loss, classes), "",
+        parts += [f"### {loss}", "", _confusion_md(out / "runs" / loss, classes, seeds), "",
                   f"![test]({rel(out / 'runs' / loss / 'seed_0' / 'test_confusion_roc.png')})", ""]
     parts += ["## Lesion AP per test slide", "",
               "| slide | " + " | ".join(aps) + " |", "|---" * (len(aps) + 1) + "|"]

@@ -241,9 +241,9 @@ class Encoder(nn.Module):
         224 px costs four times as much and carries no more detail. A ViT's position embeddings fix
         its grid, so ViTs are refused.
         """
-        if not self.is_convnet():
-            raise WsiNcmiError(f"--encoder-input patch: encoder '{self.spec.name}' is not a CNN (a ViT's position "
-                               "embeddings fix its input size); use --encoder-input model")
+        if not self.is_convnet() or any(hasattr(m, "pos_embed") for m in self.trunk.modules()):
+            raise WsiNcmiError(f"--encoder-input patch: encoder '{self.spec.name}' is not a plain CNN (position "
+                               "embeddings fix a ViT's or a hybrid's input size); use --encoder-input model")
         self.patch_input = True
 
     def use_compile(self, mode: str | None = None) -> str:

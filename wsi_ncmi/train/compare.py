@@ -19,15 +19,18 @@ import numpy as np
 METRICS = ("macro_f1", "auc")
 
 
-def test_predictions(seed_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(slide ids, labels, predictions, (N, C) probabilities) of ``predictions_test.csv``, sorted by id."""
+def read_test_predictions(seed_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(slide ids, labels, predictions, (N, C) float64 log scores) of ``predictions_test.csv``, sorted
+    by id. Log scores, not probabilities: they rank what underflows to p = 0 (``read_scores``)."""
+    from wsi_ncmi.train.run import read_scores
+
     with open(Path(seed_dir) / "predictions_test.csv") as fh:
         rows = list(csv.DictReader(fh))
     C = sum(1 for k in rows[0] if k.startswith("p_"))
     ids = [r["slide_id"] for r in rows]
     y = np.array([int(r["label"]) for r in rows])
     pred = np.array([int(r["pred"]) for r in rows])
-    p = np.array([[float(r[f"p_{k}"]) for k in range(C)] for r in rows])
+    p = np.array([read_scores(r, C)[1] for r in rows], dtype=np.float64)
     order = np.argsort(ids)
     return [ids[i] for i in order], y[order], pred[order], p[order]
 
@@ -63,7 +66,8 @@ def _metrics(y, pred, p, C) -> np.ndarray:
 
 
 def paired_bootstrap(members: dict[str, list[tuple]], C: int, n: int = 1000, seed: int = 0) -> dict:
-    """``members``: loss -> one ``test_predictions`` tuple per seed, all on the same slides.
+    """``members``: loss -> one ``read_test_predictions`` tuple per seed, all on the same slides (the
+    scores only rank, so log scores or probabilities serve alike).
 
     Returns loss -> (point, draws): the seed-mean (macro-F1, AUC) and its (n, 2) bootstrap draws;
     every loss is scored on the same draws, so differences of draws are paired.

@@ -29,7 +29,7 @@ from wsi_ncmi.tasks.base import Task
 from wsi_ncmi.tasks.folds import OOF, cv_pool, fold_assignment, fold_task
 from wsi_ncmi.train.metrics import bootstrap_ci, classification_metrics, mean_std
 from wsi_ncmi.train.run import (EVALUATED, REPORTED, _patient_kappa, aggregate, evaluate_seeds, mean_std_of,
-                                train_seeds)
+                                read_scores, train_seeds)
 
 POOLED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ece", "brier", "nll")
 
@@ -124,31 +124,34 @@ def pool_oof(plan: Plan, root: Path, seeds: list[int], num_classes: int) -> dict
     assignment = plan[0]
     pooled = {}
     for seed in seeds:
-        ids, folds, y, pred, scores = [], [], [], [], []
+        ids, folds, y, pred, scores, logs = [], [], [], [], [], []
         for k in range(len(plan[1])):
             for r in _read_predictions(root / f"fold_{k}" / f"seed_{seed}" / f"predictions_{OOF}.csv"):
                 ids.append(r["slide_id"])
                 folds.append(k)
                 y.append(int(r["label"]))
                 pred.append(int(r["pred"]))
-                scores.append([float(r[f"p_{c}"]) for c in range(num_classes)])
+                p, lp = read_scores(r, num_classes)
+                scores.append(p)
+                logs.append(lp)
         wrong = [i for i, k in zip(ids, folds) if assignment.get(i) != k]
         if len(ids) != len(set(ids)) or set(ids) != set(assignment) or wrong:
             raise WsiNcmiError(f"{root}: the out-of-fold predictions of seed {seed} do not cover the "
                                f"{len(assignment)} slides of folds.csv once each; train the run again with --overwrite")
         pooled[seed] = {"ids": ids, "fold": folds, "y": np.array(y), "pred": np.array(pred),
-                        "scores": np.array(scores, dtype=np.float64)}
+                        "scores": np.array(scores, dtype=np.float64), "log_scores": np.array(logs, dtype=np.float64)}
     return pooled
 
 
 def _write_pooled(path: Path, pooled: dict[int, dict], num_classes: int) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["seed", "fold", "slide_id", "label", "pred"] + [f"p_{c}" for c in range(num_classes)])
+        w.writerow(["seed", "fold", "slide_id", "label", "pred"] + [f"p_{c}" for c in range(num_classes)]
+                   + [f"logp_{c}" for c in range(num_classes)])
         for seed, o in pooled.items():
             for i, sid in enumerate(o["ids"]):
                 w.writerow([seed, o["fold"][i], sid, int(o["y"][i]), int(o["pred"][i])]
-                           + [f"{v:.9g}" for v in o["scores"][i]])
+                           + [f"{v:.9g}" for v in o["scores"][i]] + [f"{v:.17g}" for v in o["log_scores"][i]])
 
 
 def aggregate_folds(per_fold: list[list[dict]], cfg, plan: Plan, out: Path, root: Path) -> dict:
@@ -161,8 +164,9 @@ def aggregate_folds(per_fold: list[list[dict]], cfg, plan: Plan, out: Path, root
     _write_pooled(out / "predictions_oof.csv", pooled, C)
     per_seed = []
     for seed, o in pooled.items():
-        m = {"seed": seed, **classification_metrics(o["y"], o["pred"], o["scores"], C)}
-        m["ci95"] = bootstrap_ci(o["y"], o["pred"], o["scores"], C, n=cfg.bootstrap, seed=seed)
+        m = {"seed": seed, **classification_metrics(o["y"], o["pred"], o["scores"], C, log_scores=o["log_scores"])}
+        m["ci95"] = bootstrap_ci(o["y"], o["pred"], o["scores"], C, n=cfg.bootstrap, seed=seed,
+                                 log_scores=o["log_scores"])
         pk = _patient_kappa(task, o)
         if pk:
             m["patient_pn"] = pk

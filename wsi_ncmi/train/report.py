@@ -38,8 +38,6 @@ def load_run_metrics(run: str | Path) -> dict:
 
 def report(runs: list[str], out: str | None = None) -> str:
     """The tables (one per task, in the order first seen); also written to ``out`` when given."""
-    from wsi_ncmi.demo.run import comparison_table
-
     if out is not None:
         o = Path(out)
         if o.is_dir():
@@ -61,3 +59,14 @@ def report(runs: list[str], out: str | None = None) -> str:
         except OSError as exc:
             raise WsiNcmiError(f"--out {out}: cannot write ({exc.strerror}); pass a writable file") from None
     return text
+
+
+def comparison_table(results: dict, seeds: int, title: str) -> str:
+    """Markdown table of several runs' test metrics, mean ± std over their seeds."""
+    lines = [f"{title}, mean ± std over {seeds} seed(s)", "",
+             "| loss | macro-F1 | macro AUC | balanced acc. | NCMI |", "|---|---|---|---|---|"]
+    for loss, agg in results.items():
+        t = agg["test"]
+        lines.append(f"| {loss} | " + " | ".join(f"{t[k]['mean']:.3f} ± {t[k]['std']:.3f}"
+                                                 for k in ("macro_f1", "auc", "balanced_accuracy", "ncmi")) + " |")
+    return "\n".join(lines)

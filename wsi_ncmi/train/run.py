@@ -24,6 +24,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 
 from wsi_ncmi.distributed import finish, gather, start, world
 from wsi_ncmi.errors import WsiNcmiError
@@ -77,12 +79,28 @@ def prepare(cfg: TrainConfig) -> tuple[Task, BagStore, list[str]]:
 
 
 def _write_predictions(path: Path, o: dict, classes: list[str]) -> None:
+    """One row per slide: label, prediction, class probabilities ``p_k`` and their float64 logs
+    ``logp_k``. Why both: a confident NCMI score underflows to p = 0 or 1 in many rows, which ties
+    slides that the log scores still rank, so anything re-scored from this file (paired comparisons,
+    pooled out-of-fold metrics) ranks by ``logp_k`` (``read_scores``)."""
+    C = len(classes)
+    logs = o["log_scores"].numpy() if "log_scores" in o else np.log(np.clip(o["scores"].numpy(), 1e-300, None))
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["slide_id", "label", "pred"] + [f"p_{k}" for k in range(len(classes))] + ["attention_entropy"])
+        w.writerow(["slide_id", "label", "pred"] + [f"p_{k}" for k in range(C)] + [f"logp_{k}" for k in range(C)]
+                   + ["attention_entropy"])
         for i, sid in enumerate(o["ids"]):
             w.writerow([sid, int(o["y"][i]), int(o["pred"][i])] + [f"{float(v):.9g}" for v in o["scores"][i]]
-                       + [f"{o['entropy'][i]:.4f}"])
+                       + [f"{float(v):.17g}" for v in logs[i]] + [f"{o['entropy'][i]:.4f}"])
+
+
+def read_scores(row: dict, num_classes: int) -> tuple[list[float], list[float]]:
+    """(probabilities, log scores) of one predictions row; files written before ``logp_k`` existed
+    give the log of the probabilities."""
+    p = [float(row[f"p_{k}"]) for k in range(num_classes)]
+    if f"logp_{num_classes - 1}" in row:
+        return p, [float(row[f"logp_{k}"]) for k in range(num_classes)]
+    return p, [float(np.log(max(v, 1e-300))) for v in p]
 
 
 def _patient_kappa(task: Task, o: dict) -> dict | None:
