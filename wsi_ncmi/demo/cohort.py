@@ -30,8 +30,8 @@ DIAMETERS_UM = {1: (160.0, 190.0), 2: (400.0, 1200.0), 3: (2050.0, 2300.0)}   # 
 #: node labels of a patient, one pattern per pN stage: pN0(i+), pN1mi, pN1 (3 nodes with metastases,
 #: 2 macro), pN2 (4 nodes, 3 macro); four patients hold five nodes of each class
 PATIENT_PATTERNS = ((0, 0, 0, 1, 1), (0, 1, 2, 2, 2), (0, 1, 2, 3, 3), (1, 2, 3, 3, 3))
-ITC_FOCI = (4, 6)
-DESIGN = 3   # bump when the slides of a plan change (drawing, sizes, lesions): old demo folders are refused   # clusters per ITC node (CAMELYON counts every cluster < 0.2 mm as ITC)
+ITC_FOCI = (4, 6)   # clusters per ITC node (CAMELYON counts every cluster < 0.2 mm as ITC)
+DESIGN = 3   # bump when the slides of a plan change (drawing, sizes, lesions): old demo folders are refused
 TINTS = [(1.00, 1.00, 1.00), (1.04, 0.94, 1.00), (0.95, 0.99, 1.05), (1.05, 1.00, 0.92), (0.96, 0.92, 1.04)]
 
 
@@ -138,12 +138,13 @@ def build_slide(path: Path, slide: DemoSlide, crops: list[np.ndarray], tumour_cr
 
 
 def per_centre(patients_per_centre: int | list[int] | tuple[int, ...], centres: int) -> list[int]:
-    """Patients in each centre: one count for all, or one per centre."""
-    if isinstance(patients_per_centre, int):
-        return [patients_per_centre] * centres
-    counts = [int(n) for n in patients_per_centre]
-    if len(counts) != centres:
-        raise ValueError(f"patients_per_centre has {len(counts)} counts for {centres} centres")
+    """Patients in each centre: one count for all, or one per centre; 1-20 each, since a patient's
+    centre is its number // 20 (the CAMELYON-17 rule)."""
+    counts = [patients_per_centre] * centres if isinstance(patients_per_centre, int) else \
+        [int(n) for n in patients_per_centre]
+    if len(counts) != centres or not all(1 <= n <= 20 for n in counts):
+        raise WsiNcmiError(f"--patients-per-centre {','.join(map(str, counts))}: give one count or {centres} "
+                           "(one per centre), each 1-20 (a patient's centre is its number // 20)")
     return counts
 
 
@@ -224,8 +225,8 @@ def build_cohort(out: str | Path, patients_per_centre: int | list[int] | tuple[i
 
     out = Path(out)
     sdir = out / "slides"
+    plan = plan_cohort(patients_per_centre, nodes, width_um, height_um, seed, centres)   # validates first
     sdir.mkdir(parents=True, exist_ok=True)
-    plan = plan_cohort(patients_per_centre, nodes, width_um, height_um, seed, centres)
     for s in plan:
         s.path = str(sdir / f"{s.slide_id}.tif")
     record = out / "cohort.json"
