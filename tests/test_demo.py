@@ -189,3 +189,10 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert again["test"] == json.loads(json.dumps(res["ncmi"]["test"]))
     with pytest.raises(Exception, match="another plan"):
         run_demo(tmp_path, **dict(kw, width_um=3100))
+
+
+def test_demo_cli_refuses_bad_counts_before_writing(tmp_path):
+    for bad in ("1,2", "x", "0", "21"):
+        r = run_cli("demo", "--out", str(tmp_path / "d"), "--patients-per-centre", bad)
+        assert r.returncode == 2 and "--patients-per-centre" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+    assert not (tmp_path / "d").exists()

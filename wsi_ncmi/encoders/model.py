@@ -237,9 +237,8 @@ class Encoder(nn.Module):
         (``--encoder-input patch``).
 
         Why: a CNN ends in global pooling, so it embeds any size, and its cost grows with the pixels
-        it sees. CLAM feeds its truncated ResNet the 256 px patch as cut. A 112 px patch upsampled to
-        224 px costs four times as much and carries no more detail. A ViT's position embeddings fix
-        its grid, so ViTs are refused.
+        it sees. A 112 px patch upsampled to 224 px costs four times as much and carries no more
+        detail. Position embeddings fix the grid of a ViT or a hybrid, so those are refused.
         """
         if not self.is_convnet() or any(hasattr(m, "pos_embed") for m in self.trunk.modules()):
             raise WsiNcmiError(f"--encoder-input patch: encoder '{self.spec.name}' is not a plain CNN (position "

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from wsi_ncmi.distributed import finish, gather, start, world
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.store.provenance import write_run_provenance
