@@ -129,8 +129,7 @@ def main() -> None:
         members[loss] = [read_test_predictions(_train(base, best, s, work)) for s in range(1, args.seeds + 1)]
         knobs = {k: v for k, v in best.items() if k != "loss"}
         print(f"{loss:16s} chose {knobs} on validation  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    C = members[losses[0]][0][3].shape[1]
-    res = paired_bootstrap(members, C, args.bootstrap)
+    res = paired_bootstrap(members, args.bootstrap)
     lo, hi = (lambda b: interval(b)[0]), (lambda b: interval(b)[1])
     print(f"\n{args.model}, {TRIALS} tuning trials per loss on seed 0 (validation, criterion "
           f"{TrainConfig().select_metric}), then seeds 1-{args.seeds}; at most {args.epochs} epochs; {source}; "

@@ -225,7 +225,7 @@ def test_paired_comparison_metrics_equal_the_full_ones():
     y = rng.integers(0, 3, 30)
     noisy = lambda k: np.eye(3)[y] * k + rng.random((30, 3))   # noqa: E731
     runs = {name: [(ids, y, noisy(k).argmax(1), noisy(k)) for _ in range(3)] for name, k in (("a", 2.0), ("b", 0.3))}
-    d = paired_difference(paired_bootstrap(runs, 3, 300), "a", "b")
+    d = paired_difference(paired_bootstrap(runs, 300), "a", "b")
     assert d["macro_f1"][1] > 0 and d["macro_f1"][1] <= d["macro_f1"][0] <= d["macro_f1"][2]
     with pytest.raises(ValueError, match="same test slides"):
-        paired_bootstrap({"a": runs["a"], "b": [(ids[::-1], y, y, noisy(1))]}, 3, 10)
+        paired_bootstrap({"a": runs["a"], "b": [(ids[::-1], y, y, noisy(1))]}, 10)

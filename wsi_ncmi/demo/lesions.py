@@ -5,7 +5,8 @@ attention can be scored as a detector: on each micro and macro test slide, rank 
 attention and compute the average precision against "the patch touches a lesion" (the disc and
 the patch square overlap). Slides are scored one by one, because attention is normalised within a
 bag, and the slide APs are averaged; the chance level is the mean fraction of touching patches.
-ITC slides are left out: their one or two touching patches make an AP of almost no information.
+Only micro and macro slides are scored (issue #14's definition): an ITC cluster covers at most part
+of the few patches it touches, so "touches" says little about what the patch shows.
 """
 
 from __future__ import annotations

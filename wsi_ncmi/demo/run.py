@@ -112,7 +112,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     diff = None
     if {"ncmi", "ce"} <= set(losses):
         members = {loss: [read_test_predictions(out / "runs" / loss / f"seed_{k}") for k in range(seeds)] for loss in losses}
-        diff = paired_difference(paired_bootstrap(members, len(classes), bootstrap), "ncmi", "ce")
+        diff = paired_difference(paired_bootstrap(members, bootstrap), "ncmi", "ce")
     st.end()
     table = demo_table(results, aps, seeds, diff)
     report = out / "report.md"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 METRICS = ("macro_f1", "auc")
 
 
@@ -39,7 +38,7 @@ def fast_metrics(y: np.ndarray, pred: np.ndarray, p: np.ndarray) -> np.ndarray:
     """(macro-F1, macro AUC) exactly as ``classification_metrics`` defines them, without the rest.
 
     Why: a paired bootstrap scores thousands of resamples; the full metrics (calibration, confusion,
-    per-class F1 through sklearn) cost 10 ms each, this about a tenth. Macro-F1 averages over the
+    per-class F1 through sklearn) cost about 11 ms each here, this about 0.3 ms. Macro-F1 averages over the
     classes present in labels or predictions; macro AUC averages one-vs-rest AUCs over the classes
     with both positives and negatives, each the Mann-Whitney statistic with ties counted half.
     """
@@ -61,11 +60,7 @@ def fast_metrics(y: np.ndarray, pred: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.array([np.mean(f1), np.mean(aucs) if aucs else np.nan])
 
 
-def _metrics(y, pred, p, C) -> np.ndarray:
-    return fast_metrics(y, pred, p)
-
-
-def paired_bootstrap(members: dict[str, list[tuple]], C: int, n: int = 1000, seed: int = 0) -> dict:
+def paired_bootstrap(members: dict[str, list[tuple]], n: int = 1000, seed: int = 0) -> dict:
     """``members``: loss -> one ``read_test_predictions`` tuple per seed, all on the same slides (the
     scores only rank, so log scores or probabilities serve alike).
 
@@ -83,8 +78,8 @@ def paired_bootstrap(members: dict[str, list[tuple]], C: int, n: int = 1000, see
     draws = [rng.integers(0, len(ids), len(ids)) for _ in range(n)]
     out = {}
     for loss, runs in members.items():
-        point = np.mean([_metrics(y, pr, p, C) for _, y, pr, p in runs], 0)
-        boot = np.array([np.mean([_metrics(y[i], pr[i], p[i], C) for _, y, pr, p in runs], 0) for i in draws])
+        point = np.mean([fast_metrics(y, pr, p) for _, y, pr, p in runs], 0)
+        boot = np.array([np.mean([fast_metrics(y[i], pr[i], p[i]) for _, y, pr, p in runs], 0) for i in draws])
         out[loss] = (point, boot)
     return out
 

@@ -82,8 +82,7 @@ def _write_predictions(path: Path, o: dict, classes: list[str]) -> None:
     ``logp_k``. Why both: a confident NCMI score underflows to p = 0 or 1 in many rows, which ties
     slides that the log scores still rank, so anything re-scored from this file (paired comparisons,
     pooled out-of-fold metrics) ranks by ``logp_k`` (``read_scores``)."""
-    C = len(classes)
-    logs = o["log_scores"].numpy() if "log_scores" in o else np.log(np.clip(o["scores"].numpy(), 1e-300, None))
+    C, logs = len(classes), o["log_scores"].numpy()
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", "label", "pred"] + [f"p_{k}" for k in range(C)] + [f"logp_{k}" for k in range(C)]
