@@ -11,7 +11,8 @@ Layout (besides the run's config.yaml, run.json)::
 
     folds.csv                 slide_id,patient,label,fold of the CV pool
     fold_<k>/                 like a run folder: seed_<s>/..., metrics.json, metrics.md (split "oof" = fold k)
-    predictions_oof.csv       seed,fold,slide_id,label,pred,p_0..p_{C-1}: every pool slide once per seed
+    predictions_oof.csv       seed,fold,slide_id,label,pred,p_0..p_{C-1},logp_0..logp_{C-1}: every pool
+                              slide once per seed
     metrics.json, metrics.md  pooled OOF (per seed, with CIs; mean +/- std over seeds), mean +/- std over
                               folds x seeds of oof / val / test
 """
