@@ -171,6 +171,9 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=0, help="patches on the generated slide (default 50000 GPU, 400 CPU)")
     ap.add_argument("--patch-size", type=int, default=256)
     ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument("--encoder-input", default="model", choices=("model", "patch"),
+                    help="as `extract --encoder-input`: model resizes patches to the encoder's input size, patch "
+                         "feeds a CNN the patch as cut")
     ap.add_argument("--random-weights", action="store_true", help="time an encoder whose weights are not available")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeats", type=int, default=3, help="read-only runs per reader, alternating; the best counts")
@@ -182,11 +185,14 @@ def main() -> None:
     device = resolve_device(args.device)
     if args.encode_only:
         encoder = create_encoder(args.encoder, device=device, allow_random=args.random_weights)
+        if args.encoder_input == "patch":
+            encoder.use_patch_input()
         precision = resolve_precision(args.precision, encoder.spec.precision, device)
         batch = args.batch_size or (256 if device.type == "cuda" else 32)
         n_tiles = args.encode_tiles or 20 * batch
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-        print(f"\nencode-only throughput: {args.encoder}, {precision}, batch {batch}, {args.patch_size} px input, "
+        print(f"\nencode-only throughput: {args.encoder}, {precision}, batch {batch}, {args.patch_size} px patches "
+              f"({args.encoder_input} input), "
               f"{torch.get_num_threads()} threads, {name}")
         print("| stage | tiles/s |\n|---|---|")
         if args.compile:
@@ -206,9 +212,11 @@ def main() -> None:
         print(f"generated {slide} ({slide.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr)
     encoder = create_encoder(args.encoder, device=device, allow_random=args.random_weights)
+    if args.encoder_input == "patch":
+        encoder.use_patch_input()
     cfg = ExtractConfig(slides=[str(slide)], out=str(work / "features"), encoder=args.encoder, device=str(device),
                         batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                        patch_size=args.patch_size, mpp=args.mpp, thumbnails=False, progress=False,
+                        patch_size=args.patch_size, mpp=args.mpp, encoder_input=args.encoder_input, thumbnails=False, progress=False,
                         compile="on" if args.compile else "off").validate()
     precision = resolve_precision(cfg.precision, encoder.spec.precision, device)
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
@@ -236,7 +244,7 @@ def main() -> None:
     bound = min(read_tps, enc_tps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\nextraction throughput: {args.encoder}, {precision}, batch {batch}, {workers} workers, "
-          f"{args.patch_size} px @ {args.mpp} um/px, {summary.tiles} tiles, {name}")
+          f"{args.patch_size} px @ {args.mpp} um/px ({args.encoder_input} input), {summary.tiles} tiles, {name}")
     print("| stage | tiles/s |\n|---|---|")
     runs = len(runs_os)
     print(f"| read only, OpenSlide (DataLoader pipeline, {workers} workers; best of {runs}: "

@@ -70,7 +70,8 @@ def _slug(kw: dict) -> str:
 
 def _train(base: dict, kw: dict, seed: int, work: Path) -> Path:
     """Train one configuration for one seed (reused when already finished); returns its seed folder."""
-    out = work / "runs" / _slug(kw) / f"s{seed}"
+    norm = base.get("feature_norm", "none")
+    out = work / "runs" / (_slug(kw) + ("" if norm == "none" else f"_{norm}")) / f"s{seed}"
     sdir = out / f"seed_{seed}"
     if (sdir / "metrics.json").exists():
         return sdir
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="verdict seeds, after the tuning seed (default 5)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--only", nargs="*", help="subset of losses (default: all)")
+    ap.add_argument("--feature-norm", default="none", choices=("none", "zscore"),
+                    help="as `train --feature-norm`, for every loss alike (default none)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
@@ -113,7 +116,7 @@ def main() -> None:
     else:
         source = args.features
     base = dict(task=args.task, labels=args.labels, features=args.features, model=args.model, epochs=args.epochs,
-                device=args.device, **extra)
+                device=args.device, feature_norm=args.feature_norm, **extra)
     losses = [k for k in TUNING if not args.only or k in args.only]
     chosen, members = {}, {}
     for loss in losses:
@@ -132,7 +135,8 @@ def main() -> None:
     res = paired_bootstrap(members, args.bootstrap)
     lo, hi = (lambda b: interval(b)[0]), (lambda b: interval(b)[1])
     print(f"\n{args.model}, {TRIALS} tuning trials per loss on seed 0 (validation, criterion "
-          f"{TrainConfig().select_metric}), then seeds 1-{args.seeds}; at most {args.epochs} epochs; {source}; "
+          f"{TrainConfig().select_metric}), then seeds 1-{args.seeds}; at most {args.epochs} epochs; feature norm "
+          f"{args.feature_norm}; {source}; "
           f"test split, seed-mean with 95% bootstrap interval over test slides\n")
     print("| loss | chosen on validation | macro-F1 | macro AUC |\n|---|---|---|---|")
     for loss in losses:

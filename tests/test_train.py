@@ -95,6 +95,64 @@ def test_evaluate_rescores_to_the_same_numbers(cohort, tmp_path):
     assert agg["test"]["macro_f1"]["mean"] == first["macro_f1"]
 
 
+def test_feature_norm_uses_training_statistics_and_travels_with_the_checkpoint(cohort, tmp_path):
+    """--feature-norm zscore: the training split's per-dimension mean/std, saved in best.pt, applied by
+    evaluate and by a member loaded for predict/heatmap exactly as in training; validation and test
+    bags never enter the statistics."""
+    import torch
+
+    from wsi_ncmi.predict.members import load_members, score_bag
+    from wsi_ncmi.store.h5 import read_feature_file
+
+    rows = list(csv.DictReader(open(cohort / "labels.csv")))
+    bags = {r["slide_id"]: np.asarray(read_feature_file(cohort / "features" / f"{r['slide_id']}.h5").features,
+                                      np.float64) for r in rows}
+    train = np.concatenate([bags[r["slide_id"]] for r in rows if r["split"] == "train"])
+    everything = np.concatenate(list(bags.values()))
+    out = tmp_path / "run"
+    _quiet(run_training, _cfg(cohort, out, epochs=4, loss="ce", feature_norm="zscore"))
+    st = torch.load(out / "seed_0" / "best.pt", map_location="cpu", weights_only=False)["model"]
+    np.testing.assert_allclose(st["input_norm.mean"].numpy(), train.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(1 / st["input_norm.inv_std"].numpy(), train.std(0), rtol=1e-5)
+    assert not np.allclose(train.mean(0), everything.mean(0), atol=1e-3)   # the check can tell the splits apart
+    agg = _quiet(run_evaluation, out)
+    first = json.loads((out / "seed_0" / "metrics.json").read_text())["test"]
+    assert agg["test"]["macro_f1"]["mean"] == first["macro_f1"]
+    member = load_members(out, 16)
+    assert member[0].model.model.input_norm.active
+    with open(out / "seed_0" / "predictions_test.csv") as fh:
+        for r in list(csv.DictReader(fh))[:5]:
+            p = score_bag(member, torch.from_numpy(bags[r["slide_id"]].astype(np.float32))).mean
+            np.testing.assert_allclose(p, [float(r[f"p_{k}"]) for k in range(4)], atol=1e-5)
+    # the same weights without the statistics score differently: the normalisation is really applied
+    member[0].model.model.input_norm.set_stats(torch.zeros(16), torch.ones(16))
+    x = torch.from_numpy(bags[rows[0]["slide_id"]].astype(np.float32))
+    assert not np.allclose(score_bag(member, x).mean, score_bag(load_members(out, 16), x).mean, atol=1e-4)
+
+
+def test_checkpoints_from_before_feature_norm_load_as_identity():
+    import torch
+
+    from wsi_ncmi.mil.models import create_mil_model
+    from wsi_ncmi.train.checkpoint import load_state
+
+    torch.manual_seed(0)
+    old = create_mil_model("abmil", 8, 4).eval()
+    state = {k: v for k, v in old.state_dict().items() if not k.startswith("input_norm.")}
+    new = create_mil_model("abmil", 8, 4).eval()
+    new.input_norm.set_stats(torch.ones(8), torch.full((8,), 2.0))
+    load_state(new, state, "old.pt")
+    x = torch.randn(1, 30, 8)
+    assert not new.input_norm.active
+    torch.testing.assert_close(new(x).logits, old(x).logits)
+    # and a fitted model standardises its input before its first layer, constant dimensions getting weight 0
+    new.input_norm.set_stats(torch.ones(8), torch.tensor([2.0] * 7 + [0.0]))
+    ref = x.clone()
+    ref[..., :7] = (ref[..., :7] - 1) / 2
+    ref[..., 7] = 0
+    torch.testing.assert_close(new(x).logits, old(ref).logits)
+
+
 def test_killed_training_resumes_to_the_same_result(cohort, tmp_path):
     args = ["train", "--task", "csv", "--labels", str(cohort / "labels.csv"), "--features", str(cohort / "features"),
             "--epochs", "6", "--patience", "20", "--lr", "1e-3", "--bootstrap", "50", "-q"]
@@ -170,6 +228,8 @@ def test_train_cli_errors_and_help():
     assert res.returncode == 2 and "needs --labels stage_labels.csv" in res.stderr
     res = run_cli("train", "--loss", "hinge")
     assert res.returncode == 2 and "--loss hinge: choose one of" in res.stderr
+    res = run_cli("train", "--feature-norm", "minmax")
+    assert res.returncode == 2 and "--feature-norm minmax: choose none or zscore" in res.stderr
     assert "ncmi" in run_cli("train", "--help").stdout
 
 

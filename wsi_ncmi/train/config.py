@@ -47,6 +47,7 @@ class TrainConfig:
     select_metric: str = "loss"       # loss (validation NLL), auc, macro_f1, balanced_accuracy, accuracy
     clip: float = 1.0
     dropout: float = 0.25
+    feature_norm: str = "none"        # none, or zscore: standardise instance features with training-split stats
     device: str = "auto"
     precision: str = "auto"           # auto = bf16 on GPU, fp32 on CPU
     deterministic: bool = False
@@ -102,6 +103,8 @@ class TrainConfig:
         for name in ("mi_weight", "mi_window", "cmi_lambda", "cmi_beta", "ncmi_weight"):
             if getattr(self, name) < 0:
                 raise WsiNcmiError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
+        if self.feature_norm not in ("none", "zscore"):
+            raise WsiNcmiError(f"--feature-norm {self.feature_norm}: choose none or zscore")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise WsiNcmiError(f"--precision {self.precision}: choose auto, fp32, bf16, fp16")
         return self

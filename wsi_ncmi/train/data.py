@@ -119,6 +119,33 @@ class BagStore:
                                "them (wsi-ncmi extract reruns only the missing ones once they are deleted), or "
                                "drop them from the label file")
 
+    def feature_stats(self, slide_ids: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) per feature dimension over every instance of ``slide_ids`` (float64).
+
+        For ``--feature-norm zscore``: one pass over the training bags, merged bag by bag (Chan et al.
+        1979's pairwise update), so a cohort of large bags never needs its instances in memory at once
+        and a large mean does not cancel the variance. Cached per set of slides: the seeds of a run
+        share one pass.
+        """
+        from tqdm.auto import tqdm
+
+        key = tuple(sorted(slide_ids))
+        cached = getattr(self, "_stats", {}).get(key)
+        if cached is not None:
+            return cached
+        n, mean, m2 = 0, np.zeros(self.dim), np.zeros(self.dim)
+        for sid in tqdm(slide_ids, desc="feature statistics", unit="slide", leave=False,
+                        disable=None if progress else True):
+            x = self.get(sid).astype(np.float64)
+            nb, mb = len(x), x.mean(0)
+            d = mb - mean
+            m2 += ((x - mb) ** 2).sum(0) + d * d * n * nb / (n + nb)
+            mean += d * nb / (n + nb)
+            n += nb
+        out = (mean, np.sqrt(m2 / max(n, 1)))
+        self._stats = {**getattr(self, "_stats", {}), key: out}
+        return out
+
     def _keep(self, sid: str, arr: np.ndarray) -> None:
         if self.used + arr.nbytes <= self.budget:
             self.cache[sid] = arr

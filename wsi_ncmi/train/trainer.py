@@ -117,6 +117,9 @@ class Trainer:
         seed_everything(seed, cfg.deterministic)
         C = task.num_classes
         self.model = create_mil_model(cfg.model, store.dim, C, dropout=cfg.dropout).to(self.device)
+        if cfg.feature_norm == "zscore":   # training-split statistics only: validation and test stay unseen
+            mean, std = store.feature_stats([r.slide_id for r in self.train_set], progress=cfg.progress)
+            self.model.input_norm.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
         self.objective = create_objective(
             cfg.loss, C, self.model.embed_dim, [r.label for r in self.train_set], focal_gamma=cfg.focal_gamma,
             label_smoothing=cfg.label_smoothing, ncmi_space=cfg.ncmi_space, ncmi_centroids=cfg.ncmi_centroids,

@@ -24,9 +24,63 @@ class MILOutput:
     aux_loss: torch.Tensor | None = None
 
 
+class InputNorm(nn.Module):
+    """Per-dimension standardisation of instance features, (x - mean) / std, with training-split statistics.
+
+    Why it lives in the model: the statistics are part of what was trained, so they travel in every
+    checkpoint and ``evaluate``, ``heatmap`` and ``predict`` apply exactly what training applied. Empty
+    buffers mean identity (``--feature-norm none``, and every checkpoint written before this existed).
+    A dimension constant over the training split gets weight 0: the model never saw it vary.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("inv_std", torch.zeros(0))
+
+    @property
+    def active(self) -> bool:
+        return self.mean.numel() > 0
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        dev = self.mean.device
+        std = std.double()
+        self.mean = mean.to(dev, torch.float32)
+        self.inv_std = torch.where(std > 0, 1.0 / std.clamp_min(1e-12), torch.zeros_like(std)).to(dev, torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        return ((x.float() - self.mean) * self.inv_std).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mean, inv = state_dict.get(prefix + "mean"), state_dict.get(prefix + "inv_std")
+        if mean is None or inv is None:          # a checkpoint from before feature standardisation: identity
+            mean, inv = torch.zeros(0), torch.zeros(0)
+        dev = self.mean.device
+        self.mean, self.inv_std = mean.detach().to(dev, torch.float32), inv.detach().to(dev, torch.float32)
+
+
+def _normalise_input(module: "MILModel", args: tuple, kwargs: dict):
+    if module.input_norm.active:
+        if args:
+            args = (module.input_norm(args[0]),) + tuple(args[1:])
+        else:
+            kwargs = {**kwargs, "x": module.input_norm(kwargs["x"])}
+    return args, kwargs
+
+
 class MILModel(nn.Module):
+    """Base of every aggregator: instance features pass ``input_norm`` (identity unless fitted) first."""
+
     aux_weight: float = 0.0
     embed_dim: int = 0
+
+    def __init__(self):
+        super().__init__()
+        self.input_norm = InputNorm()
+        self.register_forward_pre_hook(_normalise_input, with_kwargs=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, y: torch.Tensor | None = None) -> MILOutput:
         raise NotImplementedError
