@@ -15,11 +15,14 @@ alike. Finished trainings under ``--workdir/runs`` are reused.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # before torch is imported, or it has no effect
+
 import argparse
 import contextlib
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,7 +40,7 @@ NORMS = ("none", "zscore")
 
 def _train(cohort: dict, loss: str, norm: str, seeds: int, work: Path) -> Path:
     out = work / "runs" / cohort["name"] / f"{loss}_{norm}"
-    if not (out / "metrics.json").is_file():
+    if not all((out / f"seed_{s}" / "metrics.json").is_file() for s in range(seeds)):   # resume adds seeds
         cfg = TrainConfig(task=cohort["task"], labels=cohort["labels"], features=cohort["features"], out=str(out),
                           loss=loss, feature_norm=norm, seeds=seeds, resume=True, progress=False, bootstrap=100,
                           **cohort.get("extra", {}))
@@ -53,7 +56,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bootstrap", type=int, default=1000)
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = Path(args.workdir)
     cohorts = []
     if args.demo:

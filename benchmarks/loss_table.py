@@ -26,11 +26,14 @@ micro / macro by tumour-instance count). Jobs are resumable: each finished train
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # before torch is imported, or it has no effect
+
 import argparse
 import contextlib
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -99,7 +102,6 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = Path(args.workdir)
     extra = {}
     if args.demo:

@@ -130,6 +130,32 @@ def test_feature_norm_uses_training_statistics_and_travels_with_the_checkpoint(c
     assert not np.allclose(score_bag(member, x).mean, score_bag(load_members(out, 16), x).mean, atol=1e-4)
 
 
+def test_feature_stats_merge_bags_and_chunks_exactly(tmp_path, monkeypatch):
+    """Chan's merge over bags and row chunks equals numpy on the concatenation; a constant
+    dimension comes out exactly constant (weight 0), not with rounding residue and a 1e17 weight."""
+    import h5py
+
+    from wsi_ncmi.train import data
+    from wsi_ncmi.train.data import BagStore
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "f").mkdir()
+    bags = []
+    for i, n in enumerate((7, 40, 3, 25)):
+        x = (rng.normal(size=(n, 5)) * [1, 10, 1e-3, 1, 1] + [0, 500, 2, 0, 0]).astype(np.float32)
+        x[:, 3] = 0.3                                                     # constant, non-zero
+        bags.append(x)
+        with h5py.File(tmp_path / "f" / f"b{i}.h5", "w") as f:
+            f["features"], f["coords"] = x, np.zeros((n, 2), np.int64)
+    monkeypatch.setattr(data, "STATS_ROWS", 6)                            # several chunks per bag
+    store = BagStore(FeatureSource(str(tmp_path / "f")), [f"b{i}" for i in range(4)])
+    mean, std = store.feature_stats([f"b{i}" for i in range(4)])
+    allx = np.concatenate(bags).astype(np.float64)
+    np.testing.assert_allclose(mean, allx.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(std[[0, 1, 2, 4]], allx.std(0)[[0, 1, 2, 4]], rtol=1e-9)
+    assert std[3] == 0.0
+
+
 def test_checkpoints_from_before_feature_norm_load_as_identity():
     import torch
 
@@ -151,6 +177,19 @@ def test_checkpoints_from_before_feature_norm_load_as_identity():
     ref[..., :7] = (ref[..., :7] - 1) / 2
     ref[..., 7] = 0
     torch.testing.assert_close(new(x).logits, old(ref).logits)
+    # padded rows stay zero after standardising (TransMIL's positional convolution sees them), and a
+    # padded batch scores its bags as they score alone
+    from wsi_ncmi.mil.models.base import _normalise_input
+
+    pad = torch.cat([x, torch.zeros(1, 10, 8)], 1)
+    mask = torch.cat([torch.ones(1, 30, dtype=torch.bool), torch.zeros(1, 10, dtype=torch.bool)], 1)
+    seen = _normalise_input(new, (pad, mask), {})[0][0]
+    assert (seen[:, 30:] == 0).all() and (seen[:, :30, :7] != 0).any()
+    torch.testing.assert_close(new(pad, mask).logits, new(x).logits)
+    bad = {**new.state_dict()}
+    del bad["input_norm.inv_std"]
+    with pytest.raises(WsiNcmiError, match="input_norm.mean and input_norm.inv_std must come together"):
+        load_state(create_mil_model("abmil", 8, 4), bad, "half.pt")
 
 
 def test_killed_training_resumes_to_the_same_result(cohort, tmp_path):

@@ -91,7 +91,8 @@ def load_state(module: torch.nn.Module, state: dict, path: Path) -> None:
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else "")
         raise WsiNcmiError(
             f"{path}: the weights do not fit the model built for these features ({detail[:160] or 'different model'}); "
             "the features probably come from another encoder (another dimension): pass --features with the "

@@ -54,6 +54,9 @@ class FeatureSource:
         return f"{self.cohort.path}[{slide_id}]" if self.cohort is not None else str(self.root / f"{slide_id}.h5")
 
 
+STATS_ROWS = 16384   # rows per float64 chunk of ``BagStore.feature_stats``
+
+
 class BagStore:
     """Bags by slide id, cached in RAM up to ``ram_gb``; checks one feature dimension."""
 
@@ -136,13 +139,18 @@ class BagStore:
         n, mean, m2 = 0, np.zeros(self.dim), np.zeros(self.dim)
         for sid in tqdm(slide_ids, desc="feature statistics", unit="slide", leave=False,
                         disable=None if progress else True):
-            x = self.get(sid).astype(np.float64)
-            nb, mb = len(x), x.mean(0)
-            d = mb - mean
-            m2 += ((x - mb) ** 2).sum(0) + d * d * n * nb / (n + nb)
-            mean += d * nb / (n + nb)
-            n += nb
-        out = (mean, np.sqrt(m2 / max(n, 1)))
+            bag = self.get(sid)
+            for i in range(0, len(bag), STATS_ROWS):     # bounded float64 temporaries for 100k-patch bags
+                x = bag[i:i + STATS_ROWS].astype(np.float64)
+                nb, mb = len(x), x.mean(0)
+                d = mb - mean
+                m2 += ((x - mb) ** 2).sum(0) + d * d * n * nb / (n + nb)
+                mean += d * nb / (n + nb)
+                n += nb
+        std = np.sqrt(m2 / max(n, 1))
+        # a constant dimension keeps rounding residue (~1e-17) through the merges: call it constant
+        std[std <= np.maximum(1e-7 * np.abs(mean), 1e-12)] = 0.0
+        out = (mean, std)
         self._stats = {**getattr(self, "_stats", {}), key: out}
         return out
 

@@ -117,9 +117,6 @@ class Trainer:
         seed_everything(seed, cfg.deterministic)
         C = task.num_classes
         self.model = create_mil_model(cfg.model, store.dim, C, dropout=cfg.dropout).to(self.device)
-        if cfg.feature_norm == "zscore":   # training-split statistics only: validation and test stay unseen
-            mean, std = store.feature_stats([r.slide_id for r in self.train_set], progress=cfg.progress)
-            self.model.input_norm.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
         self.objective = create_objective(
             cfg.loss, C, self.model.embed_dim, [r.label for r in self.train_set], focal_gamma=cfg.focal_gamma,
             label_smoothing=cfg.label_smoothing, ncmi_space=cfg.ncmi_space, ncmi_centroids=cfg.ncmi_centroids,
@@ -277,9 +274,18 @@ class Trainer:
         return self.score({"val": va}, tr or va, va)
 
     # ---- the run ----------------------------------------------------------------------------
+    def fit_input_norm(self) -> None:
+        """``--feature-norm zscore``: the training split's statistics (validation and test stay unseen).
+        Only before a fresh start: a resumed or reloaded model brings its own in the checkpoint."""
+        if self.cfg.feature_norm == "zscore":
+            mean, std = self.store.feature_stats([r.slide_id for r in self.train_set], progress=self.cfg.progress)
+            self.model.input_norm.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
+
     def fit(self) -> None:
         if self.cfg.resume and self.try_resume():
             print(f"seed {self.seed}: resuming after epoch {self.start_epoch} from {self.out / 'last.pt'}")
+        else:
+            self.fit_input_norm()
         key = self.cfg.select_metric
         for epoch in range(self.start_epoch, self.cfg.epochs):
             if epoch >= self.cfg.min_epochs and epoch - self.best["epoch"] > self.cfg.patience and self.best["epoch"] >= 0:

@@ -56,18 +56,27 @@ class InputNorm(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         mean, inv = state_dict.get(prefix + "mean"), state_dict.get(prefix + "inv_std")
-        if mean is None or inv is None:          # a checkpoint from before feature standardisation: identity
+        if (mean is None) != (inv is None) or (mean is not None and mean.shape != inv.shape):
+            error_msgs.append(f"{prefix}mean and {prefix}inv_std must come together, of one shape")
+            return
+        if mean is None:                         # a checkpoint from before feature standardisation: identity
             mean, inv = torch.zeros(0), torch.zeros(0)
         dev = self.mean.device
         self.mean, self.inv_std = mean.detach().to(dev, torch.float32), inv.detach().to(dev, torch.float32)
 
 
 def _normalise_input(module: "MILModel", args: tuple, kwargs: dict):
+    """Forward pre-hook: standardise ``x``; padded rows (``mask`` False) stay exactly zero."""
     if module.input_norm.active:
+        x = args[0] if args else kwargs["x"]
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        x = module.input_norm(x)
+        if mask is not None:
+            x = x.masked_fill(~mask[..., None], 0)
         if args:
-            args = (module.input_norm(args[0]),) + tuple(args[1:])
+            args = (x,) + tuple(args[1:])
         else:
-            kwargs = {**kwargs, "x": module.input_norm(kwargs["x"])}
+            kwargs = {**kwargs, "x": x}
     return args, kwargs
 
 
