@@ -67,6 +67,7 @@ class BagStore:
         self.cache: dict[str, np.ndarray] = {}
         self.used = 0
         self.dim = -1
+        self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}   # feature_stats, per set of slides
         for sid in self.ids:            # the first readable bag sets a provisional dimension (check_all fixes it)
             try:
                 first = source.load(sid)
@@ -133,7 +134,7 @@ class BagStore:
         from tqdm.auto import tqdm
 
         key = tuple(sorted(slide_ids))
-        cached = getattr(self, "_stats", {}).get(key)
+        cached = self._stats.get(key)
         if cached is not None:
             return cached
         n, mean, m2 = 0, np.zeros(self.dim), np.zeros(self.dim)
@@ -151,7 +152,7 @@ class BagStore:
         # a constant dimension keeps rounding residue (~1e-17) through the merges: call it constant
         std[std <= np.maximum(1e-7 * np.abs(mean), 1e-12)] = 0.0
         out = (mean, std)
-        self._stats = {**getattr(self, "_stats", {}), key: out}
+        self._stats[key] = out
         return out
 
     def _keep(self, sid: str, arr: np.ndarray) -> None:
