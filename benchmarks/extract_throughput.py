@@ -216,8 +216,8 @@ def main() -> None:
         encoder.use_patch_input()
     cfg = ExtractConfig(slides=[str(slide)], out=str(work / "features"), encoder=args.encoder, device=str(device),
                         batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                        patch_size=args.patch_size, mpp=args.mpp, encoder_input=args.encoder_input, thumbnails=False, progress=False,
-                        compile="on" if args.compile else "off").validate()
+                        patch_size=args.patch_size, mpp=args.mpp, encoder_input=args.encoder_input,
+                        thumbnails=False, progress=False, compile="on" if args.compile else "off").validate()
     precision = resolve_precision(cfg.precision, encoder.spec.precision, device)
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
     workers = cfg.resolved_workers()
