@@ -37,7 +37,7 @@ import json
 import time
 from pathlib import Path
 
-from wsi_ncmi.mil.synthetic import make_cohort
+from wsi_ncmi.mil.synthetic import CAMELYON17_SHARES, make_cohort
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.compare import interval, paired_bootstrap, paired_difference, read_test_predictions
 from wsi_ncmi.train.run import run_training
@@ -64,7 +64,6 @@ TUNING = {   # loss -> its TRIALS configurations
     "ncmi": _cross("ncmi", "ncmi_temperature", (0.1, 0.3)),
 }
 assert all(len(v) == TRIALS for v in TUNING.values())
-CAMELYON17_SHARES = (318, 36, 59, 87)
 
 
 def _slug(kw: dict) -> str:

@@ -189,10 +189,21 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert again["test"] == json.loads(json.dumps(res["ncmi"]["test"]))
     with pytest.raises(Exception, match="another plan"):
         run_demo(tmp_path, **dict(kw, width_um=3100))
+    # --patch-dropout trains beside the default runs, on the same features, and leaves them as they were
+    pd = run_demo(tmp_path, **dict(kw, patch_dropout=0.5))
+    for loss in ("ncmi", "ce"):
+        run = tmp_path / "runs" / f"{loss}_patch_dropout_0.5"
+        assert "patch_dropout: 0.5" in (run / "config.yaml").read_text()
+        assert pd["lesion_ap"][loss].slides == out["lesion_ap"][loss].slides
+    assert "runs/ce_patch_dropout_0.5/seed_0/curves.png" in (tmp_path / "report_patch_dropout_0.5.md").read_text()
+    assert json.loads((tmp_path / "runs" / "ncmi" / "metrics.json").read_text())["test"] == again["test"]
+    assert "runs/ce/seed_0" in (tmp_path / "report.md").read_text()
 
 
 def test_demo_cli_refuses_bad_counts_before_writing(tmp_path):
     for bad in ("1,2", "x", "0", "21"):
         r = run_cli("demo", "--out", str(tmp_path / "d"), "--patients-per-centre", bad)
         assert r.returncode == 2 and "--patients-per-centre" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+    r = run_cli("demo", "--out", str(tmp_path / "d"), "--patch-dropout", "1")
+    assert r.returncode == 2 and "--patch-dropout 1.0" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "d").exists()

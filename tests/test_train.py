@@ -192,6 +192,32 @@ def test_checkpoints_from_before_feature_norm_load_as_identity():
         load_state(create_mil_model("abmil", 8, 4), bad, "half.pt")
 
 
+def test_patch_dropout_trains_on_a_fresh_share_of_each_bag_and_leaves_other_runs_unchanged():
+    import torch
+
+    from wsi_ncmi.train.data import collate
+
+    bag = np.arange(50 * 3, dtype=np.float32).reshape(50, 3)
+    seen = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x, mask = collate([bag], "cpu", 0, gen, patch_dropout=0.7)
+        rows = x[0, :, 0].numpy() / 3
+        assert mask is None and len(rows) == 15                           # ceil(0.3 * 50)
+        assert (np.diff(rows) > 0).all() and np.isin(rows, np.arange(50)).all()   # a subset, in bag order
+        seen.append(rows)
+    assert not np.array_equal(*seen)                                      # drawn afresh each time
+    x, _ = collate([bag], "cpu", 8, gen, patch_dropout=0.5)               # --max-patches caps after the share
+    assert x.shape[1] == 8
+    x, mask = collate([bag, bag[:4]], "cpu", 0, gen, patch_dropout=0.5)  # padded batches: each bag its own share
+    assert mask.sum(1).tolist() == [25, 2]
+    assert collate([bag[:1]], "cpu", 0, gen, patch_dropout=0.9)[0].shape[1] == 1   # never an empty bag
+    # off (the default): whole bags, and the generator is not drawn from, so earlier runs reproduce
+    before = gen.get_state()
+    torch.testing.assert_close(collate([bag], "cpu", 0, gen)[0][0], torch.from_numpy(bag))
+    assert torch.equal(gen.get_state(), before)
+
+
 def test_killed_training_resumes_to_the_same_result(cohort, tmp_path):
     args = ["train", "--task", "csv", "--labels", str(cohort / "labels.csv"), "--features", str(cohort / "features"),
             "--epochs", "6", "--patience", "20", "--lr", "1e-3", "--bootstrap", "50", "-q"]
@@ -269,6 +295,8 @@ def test_train_cli_errors_and_help():
     assert res.returncode == 2 and "--loss hinge: choose one of" in res.stderr
     res = run_cli("train", "--feature-norm", "minmax")
     assert res.returncode == 2 and "--feature-norm minmax: choose none or zscore" in res.stderr
+    res = run_cli("train", "--patch-dropout", "1")
+    assert res.returncode == 2 and "--patch-dropout 1.0: the share of patches dropped must be in [0, 1)" in res.stderr
     assert "ncmi" in run_cli("train", "--help").stdout
 
 

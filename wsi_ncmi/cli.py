@@ -164,6 +164,11 @@ _TRAIN_FLAGS = [
     ("centroid_lr", float, "centroid-step learning rate for ncmi and cmi_ce (default 1e-2)"),
     ("batch_size", int, "bags per step, padded with masks (default 1)"),
     ("max_patches", int, "randomly sub-sample training bags to this many patches (default 0 = all)"),
+    ("patch_dropout", float, "drop a random share of each training bag's patches, afresh every epoch, so the "
+                             "attention has to find all of a lesion and not its one most telling patch; evaluation "
+                             "always sees whole bags (PatchDropout, Liu et al. 2023; default 0 = off). Measured "
+                             "at 0.5 on five cohorts: CE +0.05 to +0.12 macro-F1 on four and -0.11 on one, NCMI "
+                             "-0.05 to +0.02; demo lesion AP (CE) 0.62 -> 0.78 (README: Patch dropout)"),
     ("patience", int, "early-stopping patience in epochs (default 10)"),
     ("min_epochs", int, "early stopping never fires before this many epochs (default 10)"),
     ("select_metric", str, "validation criterion for model selection and early stopping: loss (validation NLL, "
@@ -173,8 +178,8 @@ _TRAIN_FLAGS = [
     ("feature_norm", str, "none (default) or zscore: standardise every feature dimension with the mean and std "
                           "of the training split's instances (one pass over the training bags; the statistics are "
                           "saved in each checkpoint, so evaluate/heatmap/predict apply them). Measured at the "
-                          "default recipe on four cohorts: CE +0.13 to +0.35 macro-F1 on three of them, NCMI "
-                          "-0.07 to -0.11 on three (README: Feature standardisation); run a CE baseline both ways"),
+                          "default recipe on five cohorts: CE +0.13 to +0.35 macro-F1 on three of them, NCMI "
+                          "-0.02 to -0.11 on four (README: Feature standardisation); run a CE baseline both ways"),
     ("device", str, "auto, cpu, cuda, cuda:1 (default auto)"),
     ("precision", str, "auto (bf16 on GPU), fp32, bf16, fp16"),
     ("val_fraction", float, "validation fraction where the task draws one: whole patients, stratified (default 0.1)"),
@@ -260,6 +265,10 @@ def _add_train(sub) -> None:
                         "number for all (default 10,10,10,4,4: 190 slides, about 30 training slides per class)")
     d.add_argument("--seeds", type=int, default=3, help="seeds per loss (default 3)")
     d.add_argument("--epochs", type=int, default=40, help="most epochs per seed (default 40; early stopping)")
+    d.add_argument("--patch-dropout", type=float, default=0.0, metavar="P",
+                   help="train both losses with `train --patch-dropout P` (e.g. 0.5) into runs/<loss>_patch_dropout_P, "
+                        "beside the default runs; the attention then finds more of each lesion (README) "
+                        "(default 0: the library defaults)")
     d.add_argument("--verbose", action="store_true", help="show the training log")
     r = sub.add_parser("report", help="one comparison table over several training runs")
     r.add_argument("runs", nargs="+", help="run folders of `wsi-ncmi train`")
@@ -365,7 +374,7 @@ def _cmd_demo(args) -> int:
     if args.seeds < 1 or args.epochs < 1:
         raise WsiNcmiError("--seeds and --epochs must be at least 1")
     run_demo(args.out, counts[0] if len(counts) == 1 else tuple(counts), seeds=args.seeds, epochs=args.epochs,
-             verbose=args.verbose)
+             verbose=args.verbose, patch_dropout=args.patch_dropout)
     return 0
 
 

@@ -11,6 +11,7 @@ of the few patches it touches, so "touches" says little about what the patch sho
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,30 +49,47 @@ def lesion_ap(run: str | Path, features: str | Path, plan: list[dict], test_cent
               seeds: list[int] | None = None) -> LesionAP:
     """Lesion AP of the seeds of ``run`` (``seeds``, default all) on the micro and macro slides of the
     test centres that have both touching and other patches."""
+    from wsi_ncmi.store.h5 import read_feature_file
+
+    def bags():
+        for s in plan:
+            if s["centre"] not in test_centres or s["label"] not in SCORED_LABELS:
+                continue
+            ff = read_feature_file(Path(features) / f"{s['slide_id']}.h5")
+            a = ff.attrs
+            extent = (float(a["patch_size_level0_x"]), float(a["patch_size_level0_y"]))
+            yield s["slide_id"], ff.features, patches_touching(ff.coords, extent, s["lesions"], float(a["mpp_x"]))
+
+    return attention_ap(run, bags(), seeds)
+
+
+def attention_ap(run: str | Path, bags: Iterable[tuple[str, np.ndarray, np.ndarray]],
+                 seeds: list[int] | None = None) -> LesionAP:
+    """Average precision of each member's attention against known positive instances.
+
+    ``bags`` yields ``(slide_id, features (N, D), truth (N,) bool)``; a bag whose instances are all
+    positive, or none, has no AP and is skipped. Used for the demo's lesions and for generated bags
+    that record their tumour instances (``benchmarks/ablation.py``).
+    """
     import torch
     from sklearn.metrics import average_precision_score
 
     from wsi_ncmi.predict.members import load_members, score_bag
-    from wsi_ncmi.store.h5 import read_feature_file
 
     members, per_slide, chance = None, {}, []
-    for s in plan:
-        if s["centre"] not in test_centres or s["label"] not in SCORED_LABELS:
+    for slide_id, x, truth in bags:
+        truth = np.asarray(truth, bool)
+        if truth.all() or not truth.any():
             continue
-        ff = read_feature_file(Path(features) / f"{s['slide_id']}.h5")
+        x = np.asarray(x, np.float32)
         if members is None:
-            members = [m for m in load_members(run, ff.features.shape[1])
+            members = [m for m in load_members(run, x.shape[1])
                        if seeds is None or m.name in {f"seed_{k}" for k in seeds}]
             if not members:
                 raise ValueError(f"{run}: none of seeds {seeds} is trained")
-        a = ff.attrs
-        extent = (float(a["patch_size_level0_x"]), float(a["patch_size_level0_y"]))
-        touch = patches_touching(ff.coords, extent, s["lesions"], float(a["mpp_x"]))
-        if touch.all() or not touch.any():
-            continue
-        bag = score_bag(members, torch.from_numpy(np.asarray(ff.features, np.float32)))
-        per_slide[s["slide_id"]] = [float(average_precision_score(touch, att)) for att in bag.attention]
-        chance.append(float(touch.mean()))
+        bag = score_bag(members, torch.from_numpy(x))
+        per_slide[slide_id] = [float(average_precision_score(truth, att)) for att in bag.attention]
+        chance.append(float(truth.mean()))
     if not per_slide:
         return LesionAP(float("nan"), float("nan"), float("nan"), 0, {})
     per_member = np.array(list(per_slide.values())).mean(0)

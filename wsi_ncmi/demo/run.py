@@ -64,9 +64,13 @@ class _Stages:
 def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT["patients_per_centre"],
              nodes: int = 5, seeds: int = 3, epochs: int = 40, losses: tuple[str, ...] = ("ncmi", "ce"),
              verbose: bool = False, width_um: float = DEMO_COHORT["width_um"],
-             height_um: float = DEMO_COHORT["height_um"], bootstrap: int = 1000) -> dict:
+             height_um: float = DEMO_COHORT["height_um"], bootstrap: int = 1000, patch_dropout: float = 0.0) -> dict:
     """Run (or resume) the demo in ``out``; returns the per-loss aggregates (``runs``), the lesion
-    APs, the paired NCMI - CE difference and the stage times."""
+    APs, the paired NCMI - CE difference and the stage times.
+
+    ``patch_dropout`` > 0 trains both losses with ``train --patch-dropout`` into
+    ``runs/<loss>_patch_dropout_<p>`` with ``report_patch_dropout_<p>.md``, beside the default runs,
+    reusing the slides and features."""
     from wsi_ncmi.demo.lesions import lesion_ap
     from wsi_ncmi.extract import ExtractConfig, run_extraction
     from wsi_ncmi.predict.heatmap import save_heatmap
@@ -76,6 +80,9 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
 
     t_all = time.perf_counter()
     out = Path(out)
+    TrainConfig(patch_dropout=patch_dropout).validate()          # a bad value fails before the slides are built
+    suffix = f"_patch_dropout_{patch_dropout:g}" if patch_dropout else ""
+    runs = {loss: out / "runs" / f"{loss}{suffix}" for loss in losses}
     st = _Stages(3 + len(losses))
     st.start("slides", f"building the demo cohort in {out / 'slides'} (real H&E, implanted lesions, 5 centres)")
     build_cohort(out, patients_per_centre, nodes, width_um=width_um, height_um=height_um)
@@ -90,12 +97,12 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     for loss in losses:
         st.start(f"train {loss}", f"training gated ABMIL with {loss}, {seeds} seed(s), centres 0-2 -> 3-4")
         cfg = TrainConfig(task="camelyon17", labels=str(out / "stage_labels.csv"), features=str(out / "features"),
-                          out=str(out / "runs" / loss), model="abmil", loss=loss, seeds=seeds, epochs=epochs,
-                          resume=True, progress=False, bootstrap=200,
+                          out=str(runs[loss]), model="abmil", loss=loss, seeds=seeds, epochs=epochs,
+                          resume=True, progress=False, bootstrap=200, patch_dropout=patch_dropout,
                           val_fraction=0.2)   # whole patients; several validation slides per class
         with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
             results[loss] = run_training(cfg)
-        aps[loss] = lesion_ap(out / "runs" / loss, out / "features", plan, TEST_CENTRES, list(range(seeds)))
+        aps[loss] = lesion_ap(runs[loss], out / "features", plan, TEST_CENTRES, list(range(seeds)))
     st.start("heatmaps", "attention and information heatmaps, paired comparison")
     heatmaps = []
     test = [s for s in plan if s["centre"] in TEST_CENTRES]
@@ -105,23 +112,23 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
         if s is None:
             continue
         for loss in losses:
-            heatmaps.append((lab, loss, save_heatmap(out / "runs" / loss, s["path"], out / "features", 0,
-                                                      out / "runs" / loss / "heatmaps" / f"{s['slide_id']}.png",
+            heatmaps.append((lab, loss, save_heatmap(runs[loss], s["path"], out / "features", 0,
+                                                      runs[loss] / "heatmaps" / f"{s['slide_id']}.png",
                                                       kind="info")[0]))
     classes = results[losses[0]]["classes"]
     diff = None
     if {"ncmi", "ce"} <= set(losses):
-        members = {loss: [read_test_predictions(out / "runs" / loss / f"seed_{k}") for k in range(seeds)] for loss in losses}
+        members = {loss: [read_test_predictions(runs[loss] / f"seed_{k}") for k in range(seeds)] for loss in losses}
         diff = paired_difference(paired_bootstrap(members, bootstrap), "ncmi", "ce")
     st.end()
     table = demo_table(results, aps, seeds, diff)
-    report = out / "report.md"
-    report.write_text(_report(out, table, results, aps, heatmaps, ex, classes, st.times, seeds))
+    report = out / f"report{suffix}.md"
+    report.write_text(_report(out, runs, table, results, aps, heatmaps, ex, classes, st.times, seeds))
     print("\n" + table)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in st.times.items()))
     print(f"pictures: {out / 'features' / 'thumbnails'}/*.png (tissue + patch grid), "
-          f"{out / 'runs'}/<loss>/seed_*/curves.png and test_confusion_roc.png, "
-          f"{out / 'runs'}/<loss>/heatmaps/*.png\nreport:   {report}")
+          f"{out / 'runs'}/<loss>{suffix}/seed_*/curves.png and test_confusion_roc.png, "
+          f"{out / 'runs'}/<loss>{suffix}/heatmaps/*.png\nreport:   {report}")
     return {"runs": results, "lesion_ap": aps, "ncmi_minus_ce": diff, "times": st.times}
 
 
@@ -161,7 +168,7 @@ def _confusion_md(run: Path, classes: list[str], seeds: int) -> str:
     return "\n".join(rows) + f"\n\n(summed over {len(cms)} seeds)"
 
 
-def _report(out: Path, table: str, results: dict, aps: dict, heatmaps: list, ex, classes: list[str],
+def _report(out: Path, runs: dict, table: str, results: dict, aps: dict, heatmaps: list, ex, classes: list[str],
             times: dict, seeds: int) -> str:
     rel = lambda p: Path(p).resolve().relative_to(out.resolve()).as_posix()   # noqa: E731
     thumbs = sorted((out / "features" / "thumbnails").glob("*.png"))[:4]
@@ -171,8 +178,8 @@ def _report(out: Path, table: str, results: dict, aps: dict, heatmaps: list, ex,
              f"{ex.tiles:,} tiles at {ex.tiles_per_s:.1f} tiles/s this run.", ""]
     parts += ["## Confusion matrices (test)", ""]
     for loss in results:
-        parts += [f"### {loss}", "", _confusion_md(out / "runs" / loss, classes, seeds), "",
-                  f"![test]({rel(out / 'runs' / loss / 'seed_0' / 'test_confusion_roc.png')})", ""]
+        parts += [f"### {loss}", "", _confusion_md(runs[loss], classes, seeds), "",
+                  f"![test]({rel(runs[loss] / 'seed_0' / 'test_confusion_roc.png')})", ""]
     parts += ["## Lesion AP per test slide", "",
               "| slide | " + " | ".join(aps) + " |", "|---" * (len(aps) + 1) + "|"]
     for sid in next(iter(aps.values())).per_slide:
@@ -182,8 +189,8 @@ def _report(out: Path, table: str, results: dict, aps: dict, heatmaps: list, ex,
     for lab, loss, png in heatmaps:
         parts.append(f"**{classes[lab]}, {loss}**\n\n![{png.stem}]({rel(png)})\n")
     parts += ["## Training (seed 0): loss, validation metrics, NCMI vs accuracy", ""]
-    parts += [f"### {loss}\n\n![curves]({rel(out / 'runs' / loss / 'seed_0' / 'curves.png')})\n" for loss in results]
+    parts += [f"### {loss}\n\n![curves]({rel(runs[loss] / 'seed_0' / 'curves.png')})\n" for loss in results]
     parts += ["## Slides (tissue outline, patch grid)", ""] + [f"![{t.stem}]({rel(t)})" for t in thumbs]
-    parts += ["", "Per-run tables: " + ", ".join(f"[{loss}]({rel(out / 'runs' / loss / 'metrics.md')})"
+    parts += ["", "Per-run tables: " + ", ".join(f"[{loss}]({rel(runs[loss] / 'metrics.md')})"
                                                  for loss in results)]
     return "\n".join(parts) + "\n"

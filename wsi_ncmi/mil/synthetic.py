@@ -15,6 +15,7 @@ import numpy as np
 
 from wsi_ncmi.store.h5 import FeatureWriter
 
+CAMELYON17_SHARES = (318, 36, 59, 87)   # slide-level negative / ITC / micro / macro counts
 TUMOUR_COUNTS = ((0, 0), (1, 3), (4, 15), (16, 40))   # per class: inclusive range of tumour instances
 
 

@@ -42,6 +42,7 @@ class TrainConfig:
     centroid_lr: float = 1e-2         # NCMI centroid step (Adam)
     batch_size: int = 1               # bags per step (padded with masks when > 1)
     max_patches: int = 0              # random sub-sample of each training bag (0 = all)
+    patch_dropout: float = 0.0        # drop this share of each training bag's patches, afresh every epoch
     patience: int = 10                # early stopping on the validation criterion...
     min_epochs: int = 10              # ...which cannot fire before this many epochs
     select_metric: str = "loss"       # loss (validation NLL), auc, macro_f1, balanced_accuracy, accuracy
@@ -103,6 +104,9 @@ class TrainConfig:
         for name in ("mi_weight", "mi_window", "cmi_lambda", "cmi_beta", "ncmi_weight"):
             if getattr(self, name) < 0:
                 raise WsiNcmiError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise WsiNcmiError(f"--patch-dropout {self.patch_dropout}: the share of patches dropped must be in "
+                               "[0, 1), e.g. 0.5")
         if self.feature_norm not in ("none", "zscore"):
             raise WsiNcmiError(f"--feature-norm {self.feature_norm}: choose none or zscore")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

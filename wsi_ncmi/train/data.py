@@ -9,6 +9,7 @@ fast with a message that names the files.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -174,15 +175,23 @@ class BagStore:
         return arr
 
 
-def collate(bags: list[np.ndarray], device, max_patches: int = 0, gen: torch.Generator | None = None):
+def collate(bags: list[np.ndarray], device, max_patches: int = 0, gen: torch.Generator | None = None,
+            patch_dropout: float = 0.0):
     """Pad bags to one (B, N, D) float32 tensor with a (B, N) mask (None when B == 1).
 
-    With ``max_patches`` > 0 (training), bags longer than that are randomly sub-sampled using ``gen``.
+    Training only: ``patch_dropout`` keeps a random ceil((1 - p) * n) of each bag's n patches, and
+    ``max_patches`` > 0 then caps the count; the draw uses ``gen``, which is left untouched when
+    neither applies (so runs without them reproduce exactly).
     """
     picked = []
     for b in bags:
-        if max_patches and len(b) > max_patches:
-            idx = torch.randperm(len(b), generator=gen)[:max_patches].sort().values.numpy()
+        keep = len(b)
+        if patch_dropout:
+            keep = max(1, math.ceil((1.0 - patch_dropout) * keep - 1e-9))
+        if max_patches:
+            keep = min(keep, max_patches)
+        if keep < len(b):
+            idx = torch.randperm(len(b), generator=gen)[:keep].sort().values.numpy()
             b = b[idx]
         picked.append(torch.from_numpy(np.ascontiguousarray(b)))
     if len(picked) == 1:

@@ -28,6 +28,8 @@ def padding_warning(cfg, task, store) -> str | None:
     if bs <= 1 or len(recs) < 2:
         return None
     n = np.array([bag_length(store.source, r.slide_id) for r in recs], dtype=np.int64)
+    if cfg.patch_dropout:
+        n = np.maximum(1, np.ceil((1.0 - cfg.patch_dropout) * n - 1e-9)).astype(np.int64)
     if cfg.max_patches:
         n = np.minimum(n, cfg.max_patches)
     longest, mean = int(n.max()), float(n.mean())

@@ -179,7 +179,8 @@ class Trainer:
                    unit="step", leave=False, disable=None if self.cfg.progress else True)
         for start in bar:
             recs = [self.train_set[i] for i in order[start:start + bs]]
-            x, mask = collate([self.store.get(r.slide_id) for r in recs], self.device, self.cfg.max_patches, gen)
+            x, mask = collate([self.store.get(r.slide_id) for r in recs], self.device, self.cfg.max_patches, gen,
+                               self.cfg.patch_dropout)
             y = torch.tensor([r.label for r in recs], device=self.device)
             with self._autocast():
                 out = self.model(x, mask, y)

@@ -1,0 +1,172 @@
+"""What does one training setting do, for CE and NCMI alike, on several cohorts? A recipe ablation.
+
+    python benchmarks/ablation.py --workdir /tmp/fn --demo wsi-ncmi-demo --grid feature_norm=none,zscore
+    python benchmarks/ablation.py --workdir /tmp/pd --demo wsi-ncmi-demo --grid patch_dropout=0,0.5
+    python benchmarks/ablation.py --workdir /tmp/x --grid feature_norm=none,zscore --grid patch_dropout=0,0.5
+
+Each ``--grid KEY=V1,V2,...`` names a ``TrainConfig`` field and its values; several grids are
+crossed, and the first value of each is the baseline the differences are taken from. Every cell is
+the default recipe with only those fields changed, ``--seeds`` seeds (3), gated ABMIL. Nothing is
+tuned: the question is what the setting does at the defaults, for every loss alike.
+
+Cohorts:
+- ``generated``: bags from ``mil.synthetic.make_cohort`` with CAMELYON-17's slide shares, as
+  ``benchmarks/loss_table.py`` draws them; they record their tumour instances, so the attention AP
+  (each seed's attention ranking the tumour instances of its test bags) is measured too;
+- ``digits``, ``breast_cancer``, ``wine``: the measurement cohorts of ``benchmarks/recipe.py`` (real
+  scikit-learn rows, unscaled, plain CLAM-style HDF5);
+- with ``--demo``: the real-H&E features of a ``wsi-ncmi demo`` folder, whose micro and macro test
+  slides give the lesion AP (``demo.lesions``).
+
+Printed: test macro-F1 / macro AUC (mean +/- std over seeds) per cohort, loss and setting, with the
+change from the baseline; the paired NCMI - CE difference per setting (paired over seeds and test
+slides, 95% bootstrap interval); the attention AP where instances are known; the mean macro-F1 over
+cohorts. Finished trainings under ``--workdir/runs`` are reused (the run folder is named by loss and
+values, so one workdir per grid).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # before torch is imported, or it has no effect
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsi_ncmi.mil.synthetic import CAMELYON17_SHARES, make_cohort, make_measurement_cohort
+from wsi_ncmi.train.compare import paired_bootstrap, paired_difference, read_test_predictions
+from wsi_ncmi.train.config import TrainConfig
+from wsi_ncmi.train.run import run_training
+
+MEASUREMENT = ("digits", "breast_cancer", "wine")
+LOSSES = ("ce", "ncmi")
+
+
+def _grid(text: str) -> tuple[str, list]:
+    key, _, values = text.partition("=")
+    fields = TrainConfig.__dataclass_fields__
+    if key not in fields or not values:
+        raise SystemExit(f"--grid {text}: give a TrainConfig field and values, e.g. feature_norm=none,zscore")
+    kind = type(fields[key].default)
+    return key, [kind(v) for v in values.split(",")]
+
+
+def _train(cohort: dict, loss: str, setting: dict, seeds: int, work: Path) -> Path:
+    out = work / "runs" / cohort["name"] / "_".join([loss] + [str(v) for v in setting.values()])
+    if not all((out / f"seed_{s}" / "metrics.json").is_file() for s in range(seeds)):   # resume adds seeds
+        cfg = TrainConfig(task=cohort["task"], labels=cohort["labels"], features=cohort["features"], out=str(out),
+                          loss=loss, seeds=seeds, resume=True, progress=False, bootstrap=100,
+                          **cohort.get("extra", {}), **setting)
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_training(cfg)
+    return out
+
+
+def _attention_ap(cohort: dict, run: Path):
+    """Attention AP against the known positives, or None for cohorts without them."""
+    from wsi_ncmi.demo.lesions import attention_ap, lesion_ap
+
+    if "demo" in cohort:
+        return lesion_ap(run, cohort["features"], json.loads((cohort["demo"] / "lesions.json").read_text()))
+    if cohort["name"] != "generated":
+        return None
+    import h5py
+
+    def bags():
+        for line in Path(cohort["labels"]).read_text().splitlines()[1:]:
+            sid, _, split = line.split(",")
+            if split == "test":
+                with h5py.File(Path(cohort["features"]) / f"{sid}.h5", "r") as f:
+                    yield sid, f["features"][:], f["is_tumour"][:]
+
+    return attention_ap(run, bags())
+
+
+def _cohorts(args, work: Path) -> list[dict]:
+    cohorts = []
+    if args.demo:
+        demo = Path(args.demo)
+        cohorts.append(dict(name="demo", task="camelyon17", labels=str(demo / "stage_labels.csv"),
+                            features=str(demo / "features"), extra=dict(val_fraction=0.2), demo=demo))
+    root = work / "cohorts" / "generated"
+    if not (root / "labels.csv").is_file():
+        make_cohort(root, n_slides=160, dim=32, bag_size=(60, 160), separation=4.0, proportions=CAMELYON17_SHARES)
+    cohorts.append(dict(name="generated", task="csv", labels=str(root / "labels.csv"), features=str(root / "features")))
+    for ds in MEASUREMENT:
+        root = work / "cohorts" / ds
+        if not (root / "labels.csv").is_file():
+            make_measurement_cohort(root, dataset=ds, seed=0)
+        cohorts.append(dict(name=ds, task="csv", labels=str(root / "labels.csv"), features=str(root / "features")))
+    return [c for c in cohorts if not args.only or c["name"] in args.only]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, help="cohorts and runs are kept here and reused")
+    ap.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                    help="a training setting and its values (repeat to cross several); the first value is the baseline")
+    ap.add_argument("--demo", help="a `wsi-ncmi demo` folder: also its features (and lesion AP)")
+    ap.add_argument("--only", nargs="*", help="a subset of cohorts: demo generated digits breast_cancer wine")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    grids = dict(_grid(g) for g in args.grid)
+    settings = [dict(zip(grids, vals)) for vals in itertools.product(*grids.values())]
+    name = lambda s: ", ".join(f"{k}={v}" for k, v in s.items())
+    cohorts = _cohorts(args, work)
+    cell, diffs, aps = {}, [], {}
+    for c in cohorts:
+        for i, setting in enumerate(settings):
+            members = {}
+            for loss in LOSSES:
+                t0 = time.perf_counter()
+                run = _train(c, loss, setting, args.seeds, work)
+                te = json.loads((run / "metrics.json").read_text())["test"]
+                cell[(c["name"], loss, i)] = (te["macro_f1"], te["auc"])
+                members[loss] = [read_test_predictions(run / f"seed_{s}") for s in range(args.seeds)]
+                aps[(c["name"], loss, i)] = _attention_ap(c, run)
+                print(f"{c['name']:14s} {loss:5s} {name(setting):40s} macro-F1 {te['macro_f1']['mean']:.3f}  "
+                      f"AUC {te['auc']['mean']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            diffs.append((c["name"], i, paired_difference(paired_bootstrap(members, args.bootstrap), "ncmi", "ce")))
+    fmt = lambda m: f"{m[0]['mean']:.3f} ± {m[0]['std']:.3f} / {m[1]['mean']:.3f} ± {m[1]['std']:.3f}"
+    print(f"\ngated ABMIL, default recipe, {args.seeds} seeds; test macro-F1 / macro AUC, mean ± std over seeds; "
+          f"baseline {name(settings[0])}\n")
+    print("| cohort | loss | setting | macro-F1 / AUC | change from baseline |\n|---|---|---|---|---|")
+    for c in cohorts:
+        for loss in LOSSES:
+            base = cell[(c["name"], loss, 0)]
+            for i, setting in enumerate(settings):
+                m = cell[(c["name"], loss, i)]
+                change = "" if i == 0 else f"{m[0]['mean'] - base[0]['mean']:+.3f} / {m[1]['mean'] - base[1]['mean']:+.3f}"
+                print(f"| {c['name']} | {loss} | {name(setting)} | {fmt(m)} | {change} |")
+    print("\nNCMI − CE, paired over seeds and test slides (95% bootstrap interval):\n")
+    print("| cohort | setting | macro-F1 | macro AUC |\n|---|---|---|---|")
+    for cname, i, d in diffs:
+        f = lambda k: f"{d[k][0]:+.3f} [{d[k][1]:+.3f}, {d[k][2]:+.3f}]"
+        print(f"| {cname} | {name(settings[i])} | {f('macro_f1')} | {f('auc')} |")
+    known = [c["name"] for c in cohorts if aps[(c["name"], LOSSES[0], 0)] is not None]
+    if known:
+        print("\nAttention AP: each seed's attention ranking the known positive instances of the test bags "
+              "(demo: patches touching a lesion on micro and macro slides), mean ± std over seeds:\n")
+        print("| cohort | loss | setting | attention AP | chance |\n|---|---|---|---|---|")
+        for cname in known:
+            for loss in LOSSES:
+                for i, setting in enumerate(settings):
+                    a = aps[(cname, loss, i)]
+                    print(f"| {cname} | {loss} | {name(setting)} | {a.ap:.3f} ± {a.std:.3f} | {a.chance:.3f} |")
+    print("\nmean macro-F1 over cohorts: " + ", ".join(
+        f"{loss} [{name(s)}] {np.mean([cell[(c['name'], loss, i)][0]['mean'] for c in cohorts]):.3f}"
+        for loss in LOSSES for i, s in enumerate(settings)))
+
+
+if __name__ == "__main__":
+    main()
