@@ -1,8 +1,8 @@
 """What does one training setting do, for CE and NCMI alike, on several cohorts? A recipe ablation.
 
-    python benchmarks/ablation.py --workdir /tmp/fn --demo wsi-ncmi-demo --grid feature_norm=none,zscore
-    python benchmarks/ablation.py --workdir /tmp/pd --demo wsi-ncmi-demo --grid patch_dropout=0,0.5
-    python benchmarks/ablation.py --workdir /tmp/x --grid feature_norm=none,zscore --grid patch_dropout=0,0.5
+    python benchmarks/ablation.py --workdir /tmp/ablation --demo wsi-ncmi-demo --grid feature_norm=none,zscore
+    python benchmarks/ablation.py --workdir /tmp/ablation --demo wsi-ncmi-demo --grid patch_dropout=0,0.5
+    python benchmarks/ablation.py --workdir /tmp/ablation --grid feature_norm=none,zscore --grid patch_dropout=0,0.5
 
 Each ``--grid KEY=V1,V2,...`` names a ``TrainConfig`` field and its values; several grids are
 crossed, and the first value of each is the baseline the differences are taken from. Every cell is
@@ -19,10 +19,11 @@ Cohorts:
   slides give the lesion AP (``demo.lesions``).
 
 Printed: test macro-F1 / macro AUC (mean +/- std over seeds) per cohort, loss and setting, with the
-change from the baseline; the paired NCMI - CE difference per setting (paired over seeds and test
-slides, 95% bootstrap interval); the attention AP where instances are known; the mean macro-F1 over
-cohorts. Finished trainings under ``--workdir/runs`` are reused (the run folder is named by loss and
-values, so one workdir per grid).
+change from the baseline (paired over seeds and test slides, 95% bootstrap interval); the paired
+NCMI - CE difference per setting; the attention AP where instances are known; the mean macro-F1 over
+cohorts. Finished trainings under ``--workdir/runs`` are reused: a run folder is named by its loss
+and the settings that differ from ``TrainConfig``'s defaults (``ce_default``, ``ce_patch_dropout=0.5``),
+so one workdir serves every grid and the default runs are trained once.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.mil.synthetic import CAMELYON17_SHARES, make_cohort, make_measurement_cohort
 from wsi_ncmi.train.compare import paired_bootstrap, paired_difference, read_test_predictions
 from wsi_ncmi.train.config import TrainConfig
@@ -50,23 +52,61 @@ MEASUREMENT = ("digits", "breast_cancer", "wine")
 LOSSES = ("ce", "ncmi")
 
 
+RESERVED = {"task", "labels", "features", "out", "loss", "seeds", "seed", "resume", "overwrite", "progress",
+            "bootstrap", "slides", "folds"}     # set by the benchmark itself
+
+
+def _value(key: str, text: str):
+    """``text`` as the type of ``TrainConfig.key``'s default (bool, int, str; float otherwise, or a
+    word such as ``auto`` for ``lr``)."""
+    default = TrainConfig.__dataclass_fields__[key].default
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise SystemExit(f"--grid {key}={text}: give true or false")
+        return text.lower() == "true"
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise SystemExit(f"--grid {key}={text}: give whole numbers") from None
+    if isinstance(default, str):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _grid(text: str) -> tuple[str, list]:
     key, _, values = text.partition("=")
-    fields = TrainConfig.__dataclass_fields__
-    if key not in fields or not values:
+    if key not in TrainConfig.__dataclass_fields__ or not values:
         raise SystemExit(f"--grid {text}: give a TrainConfig field and values, e.g. feature_norm=none,zscore")
-    kind = type(fields[key].default)
-    return key, [kind(v) for v in values.split(",")]
+    if key in RESERVED:
+        raise SystemExit(f"--grid {key}: the benchmark sets {key} itself; choose a training setting")
+    return key, [_value(key, v) for v in values.split(",")]
+
+
+def _run_name(loss: str, setting: dict) -> str:
+    changed = sorted((k, v) for k, v in setting.items() if v != TrainConfig.__dataclass_fields__[k].default)
+    return "_".join([loss] + [f"{k}={v}" for k, v in changed]) if changed else f"{loss}_default"
 
 
 def _train(cohort: dict, loss: str, setting: dict, seeds: int, work: Path) -> Path:
-    out = work / "runs" / cohort["name"] / "_".join([loss] + [str(v) for v in setting.values()])
-    if not all((out / f"seed_{s}" / "metrics.json").is_file() for s in range(seeds)):   # resume adds seeds
-        cfg = TrainConfig(task=cohort["task"], labels=cohort["labels"], features=cohort["features"], out=str(out),
-                          loss=loss, seeds=seeds, resume=True, progress=False, bootstrap=100,
-                          **cohort.get("extra", {}), **setting)
-        with contextlib.redirect_stdout(io.StringIO()):
-            run_training(cfg)
+    import yaml
+
+    out = work / "runs" / cohort["name"] / _run_name(loss, setting)
+    if all((out / f"seed_{s}" / "metrics.json").is_file() for s in range(seeds)):
+        saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+        wrong = [k for k, v in dict(setting, loss=loss).items()
+                 if saved.get(k, TrainConfig.__dataclass_fields__[k].default) != v]
+        if wrong:
+            raise SystemExit(f"{out} was trained with other values of {', '.join(wrong)}; use another --workdir")
+        return out
+    cfg = TrainConfig(task=cohort["task"], labels=cohort["labels"], features=cohort["features"], out=str(out),
+                      loss=loss, seeds=seeds, resume=True, progress=False, bootstrap=100,
+                      **{**cohort.get("extra", {}), **setting})
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_training(cfg)                                   # resume adds seeds to a shorter run
     return out
 
 
@@ -115,57 +155,70 @@ def main() -> None:
                     help="a training setting and its values (repeat to cross several); the first value is the baseline")
     ap.add_argument("--demo", help="a `wsi-ncmi demo` folder: also its features (and lesion AP)")
     ap.add_argument("--only", nargs="*", help="a subset of cohorts: demo generated digits breast_cancer wine")
+    ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
+                    help="ce, ncmi or both (default both; the NCMI - CE table needs both)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bootstrap", type=int, default=1000)
     args = ap.parse_args()
     work = Path(args.workdir)
     grids = dict(_grid(g) for g in args.grid)
     settings = [dict(zip(grids, vals)) for vals in itertools.product(*grids.values())]
+    for setting in settings:                               # a bad value fails before any training
+        try:
+            TrainConfig(**setting).validate()
+        except (WsiNcmiError, TypeError) as e:
+            raise SystemExit(f"--grid: {e}") from None
     name = lambda s: ", ".join(f"{k}={v}" for k, v in s.items())
     cohorts = _cohorts(args, work)
-    cell, diffs, aps = {}, [], {}
+    cell, diffs, aps, members = {}, [], {}, {}
     for c in cohorts:
         for i, setting in enumerate(settings):
-            members = {}
-            for loss in LOSSES:
+            for loss in args.losses:
                 t0 = time.perf_counter()
                 run = _train(c, loss, setting, args.seeds, work)
                 te = json.loads((run / "metrics.json").read_text())["test"]
                 cell[(c["name"], loss, i)] = (te["macro_f1"], te["auc"])
-                members[loss] = [read_test_predictions(run / f"seed_{s}") for s in range(args.seeds)]
+                members[(c["name"], loss, i)] = [read_test_predictions(run / f"seed_{s}") for s in range(args.seeds)]
                 aps[(c["name"], loss, i)] = _attention_ap(c, run)
                 print(f"{c['name']:14s} {loss:5s} {name(setting):40s} macro-F1 {te['macro_f1']['mean']:.3f}  "
                       f"AUC {te['auc']['mean']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-            diffs.append((c["name"], i, paired_difference(paired_bootstrap(members, args.bootstrap), "ncmi", "ce")))
+            if len(args.losses) == 2:
+                pair = {loss: members[(c["name"], loss, i)] for loss in LOSSES}
+                diffs.append((c["name"], i, paired_difference(paired_bootstrap(pair, args.bootstrap), "ncmi", "ce")))
     fmt = lambda m: f"{m[0]['mean']:.3f} ± {m[0]['std']:.3f} / {m[1]['mean']:.3f} ± {m[1]['std']:.3f}"
+    ci = lambda d, k: f"{d[k][0]:+.3f} [{d[k][1]:+.3f}, {d[k][2]:+.3f}]"
     print(f"\ngated ABMIL, default recipe, {args.seeds} seeds; test macro-F1 / macro AUC, mean ± std over seeds; "
-          f"baseline {name(settings[0])}\n")
-    print("| cohort | loss | setting | macro-F1 / AUC | change from baseline |\n|---|---|---|---|---|")
+          f"change from the baseline ({name(settings[0])}) paired over seeds and test slides, 95% bootstrap "
+          "interval\n")
+    print("| cohort | loss | setting | macro-F1 / AUC | change in macro-F1 | change in AUC |\n|---|---|---|---|---|---|")
     for c in cohorts:
-        for loss in LOSSES:
-            base = cell[(c["name"], loss, 0)]
+        for loss in args.losses:
             for i, setting in enumerate(settings):
-                m = cell[(c["name"], loss, i)]
-                change = "" if i == 0 else f"{m[0]['mean'] - base[0]['mean']:+.3f} / {m[1]['mean'] - base[1]['mean']:+.3f}"
-                print(f"| {c['name']} | {loss} | {name(setting)} | {fmt(m)} | {change} |")
-    print("\nNCMI − CE, paired over seeds and test slides (95% bootstrap interval):\n")
-    print("| cohort | setting | macro-F1 | macro AUC |\n|---|---|---|---|")
-    for cname, i, d in diffs:
-        f = lambda k: f"{d[k][0]:+.3f} [{d[k][1]:+.3f}, {d[k][2]:+.3f}]"
-        print(f"| {cname} | {name(settings[i])} | {f('macro_f1')} | {f('auc')} |")
-    known = [c["name"] for c in cohorts if aps[(c["name"], LOSSES[0], 0)] is not None]
+                change = ""
+                if i:
+                    pair = {"new": members[(c["name"], loss, i)], "base": members[(c["name"], loss, 0)]}
+                    d = paired_difference(paired_bootstrap(pair, args.bootstrap), "new", "base")
+                    change = f"{ci(d, 'macro_f1')} | {ci(d, 'auc')}"
+                print(f"| {c['name']} | {loss} | {name(setting)} | {fmt(cell[(c['name'], loss, i)])} | "
+                      f"{change or ' | '} |")
+    if diffs:
+        print("\nNCMI − CE, paired over seeds and test slides (95% bootstrap interval):\n")
+        print("| cohort | setting | macro-F1 | macro AUC |\n|---|---|---|---|")
+        for cname, i, d in diffs:
+            print(f"| {cname} | {name(settings[i])} | {ci(d, 'macro_f1')} | {ci(d, 'auc')} |")
+    known = [c["name"] for c in cohorts if aps[(c["name"], args.losses[0], 0)] is not None]
     if known:
         print("\nAttention AP: each seed's attention ranking the known positive instances of the test bags "
               "(demo: patches touching a lesion on micro and macro slides), mean ± std over seeds:\n")
         print("| cohort | loss | setting | attention AP | chance |\n|---|---|---|---|---|")
         for cname in known:
-            for loss in LOSSES:
+            for loss in args.losses:
                 for i, setting in enumerate(settings):
                     a = aps[(cname, loss, i)]
                     print(f"| {cname} | {loss} | {name(setting)} | {a.ap:.3f} ± {a.std:.3f} | {a.chance:.3f} |")
     print("\nmean macro-F1 over cohorts: " + ", ".join(
         f"{loss} [{name(s)}] {np.mean([cell[(c['name'], loss, i)][0]['mean'] for c in cohorts]):.3f}"
-        for loss in LOSSES for i, s in enumerate(settings)))
+        for loss in args.losses for i, s in enumerate(settings)))
 
 
 if __name__ == "__main__":

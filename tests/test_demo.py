@@ -195,7 +195,10 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
         run = tmp_path / "runs" / f"{loss}_patch_dropout_0.5"
         assert "patch_dropout: 0.5" in (run / "config.yaml").read_text()
         assert pd["lesion_ap"][loss].slides == out["lesion_ap"][loss].slides
-    assert "runs/ce_patch_dropout_0.5/seed_0/curves.png" in (tmp_path / "report_patch_dropout_0.5.md").read_text()
+    pd_report = (tmp_path / "report_patch_dropout_0.5.md").read_text()
+    assert "runs/ce_patch_dropout_0.5/seed_0/curves.png" in pd_report and "--patch-dropout 0.5, mean" in pd_report
+    for link in [l.split("](")[1].rstrip(")") for l in pd_report.splitlines() if l.startswith("![")]:
+        assert (tmp_path / link).is_file(), link
     assert json.loads((tmp_path / "runs" / "ncmi" / "metrics.json").read_text())["test"] == again["test"]
     assert "runs/ce/seed_0" in (tmp_path / "report.md").read_text()
 

@@ -346,7 +346,9 @@ def test_padding_that_multiplies_memory_is_warned_about(tmp_path):
     cfg = TrainConfig(task="csv", labels=str(c / "labels.csv"), features=str(c / "features"), batch_size=4)
     task, store, _ = prepare(cfg)
     note = padding_warning(cfg, task, store)
-    assert note and "huge has 4,000 patches" in note and "--batch-size 1" in note and "--max-patches" in note
+    assert note and "huge trains on 4,000 patches" in note and "--batch-size 1" in note and "--max-patches" in note
+    assert "huge trains on 1,000 patches" in padding_warning(TrainConfig(**dict(cfg.to_dict(), patch_dropout=0.75)),
+                                                           task, store)
     assert padding_warning(TrainConfig(**dict(cfg.to_dict(), batch_size=1)), task, store) is None
     assert padding_warning(TrainConfig(**dict(cfg.to_dict(), max_patches=20)), task, store) is None
 

@@ -211,11 +211,47 @@ def test_patch_dropout_trains_on_a_fresh_share_of_each_bag_and_leaves_other_runs
     assert x.shape[1] == 8
     x, mask = collate([bag, bag[:4]], "cpu", 0, gen, patch_dropout=0.5)  # padded batches: each bag its own share
     assert mask.sum(1).tolist() == [25, 2]
-    assert collate([bag[:1]], "cpu", 0, gen, patch_dropout=0.9)[0].shape[1] == 1   # never an empty bag
+    assert collate([bag], "cpu", 0, gen, patch_dropout=1 - 1e-12)[0].shape[1] == 1   # never an empty bag
     # off (the default): whole bags, and the generator is not drawn from, so earlier runs reproduce
     before = gen.get_state()
     torch.testing.assert_close(collate([bag], "cpu", 0, gen)[0][0], torch.from_numpy(bag))
     assert torch.equal(gen.get_state(), before)
+
+
+def test_training_steps_see_the_dropped_share_and_evaluation_whole_bags(cohort, tmp_path, monkeypatch):
+    import math
+
+    import h5py
+
+    from wsi_ncmi.mil.models.abmil import ABMIL
+
+    seen, forward = [], ABMIL.forward
+
+    def spy(self, x, mask=None, y=None):
+        seen.append((self.training, x.shape[1]))
+        return forward(self, x, mask, y)
+
+    monkeypatch.setattr(ABMIL, "forward", spy)
+    _quiet(run_training, _cfg(cohort, tmp_path / "pd", epochs=1, loss="ce", patch_dropout=0.5))
+    length = {}
+    for row in csv.DictReader(open(cohort / "labels.csv")):
+        with h5py.File(cohort / "features" / f"{row['slide_id']}.h5", "r") as f:
+            length.setdefault(row["split"], []).append(len(f["features"]))
+    assert sorted(n for training, n in seen if training) == sorted(math.ceil(n / 2) for n in length["train"])
+    assert set(length["val"]) | set(length["test"]) <= {n for training, n in seen if not training}
+
+
+def test_ncmi_class_means_come_from_whole_bags_under_patch_dropout(cohort, tmp_path):
+    """``--ncmi-means running`` reuses the training pass's outputs; under --patch-dropout that pass sees
+    part-bags, so the exact pass over whole bags is used: every epoch's validation then matches
+    ``exact`` to the last digit (and without patch dropout the two differ, so the check can fail)."""
+    def val(name, **kw):
+        _quiet(run_training, _cfg(cohort, tmp_path / name, epochs=3, min_epochs=3, loss="ncmi", **kw))
+        rows = list(csv.DictReader(open(tmp_path / name / "seed_0" / "history.csv")))
+        return [[r[k] for k in r if k.startswith("val_")] for r in rows]
+
+    assert val("pd_running", patch_dropout=0.5) == val("pd_exact", patch_dropout=0.5, ncmi_means="exact")
+    assert val("running") != val("exact", ncmi_means="exact")
 
 
 def test_killed_training_resumes_to_the_same_result(cohort, tmp_path):

@@ -197,7 +197,8 @@ _TRAIN_FLAGS = [
     ("ncmi_centroids", str, "alternating (default) or fixed centroids"),
     ("ncmi_means", str, "NCMI class means for each epoch's validation: running (the outputs the training pass "
                         "already computed; default) or exact (one more eval pass over the training set, ~1.25x "
-                        "the epoch time). The final scores always use the exact pass"),
+                        "the epoch time). With --patch-dropout, exact is used: the training pass sees "
+                        "part-bags. The final scores always use the exact pass"),
     ("ncmi_temperature", float, "NSF temperature T in both spaces (default 0.3)"),
     ("ncmi_weight", float, "weight of the NCMI term in ce+ncmi (default 1.0)"),
     ("mi_weight", float, "mi: weight of the label-entropy term H(Y) (default 1.0)"),

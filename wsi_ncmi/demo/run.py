@@ -121,7 +121,8 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
         members = {loss: [read_test_predictions(runs[loss] / f"seed_{k}") for k in range(seeds)] for loss in losses}
         diff = paired_difference(paired_bootstrap(members, bootstrap), "ncmi", "ce")
     st.end()
-    table = demo_table(results, aps, seeds, diff)
+    title = "CAMELYON-17-like demo, test centres 3-4" + (f", --patch-dropout {patch_dropout:g}" if patch_dropout else "")
+    table = demo_table(results, aps, seeds, diff, title)
     report = out / f"report{suffix}.md"
     report.write_text(_report(out, runs, table, results, aps, heatmaps, ex, classes, st.times, seeds))
     print("\n" + table)

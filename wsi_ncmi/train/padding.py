@@ -37,6 +37,6 @@ def padding_warning(cfg, task, store) -> str | None:
         return None
     gb = lambda rows: rows * store.dim * 4 / 2**30
     return (f"warning: --batch-size {bs} pads each step's bags to the longest one; {recs[int(n.argmax())].slide_id} "
-            f"has {longest:,} patches, {longest / mean:.0f}x the mean ({mean:,.0f}), so its steps hold "
+            f"trains on {longest:,} patches, {longest / mean:.0f}x the mean ({mean:,.0f}), so its steps hold "
             f"{gb(bs * longest):.2f} GB of padded features (plus activations) for {gb(longest + (bs - 1) * mean):.2f} "
             f"GB of bags; use --batch-size 1 (no padding) or --max-patches {int(np.percentile(n, 90))}")

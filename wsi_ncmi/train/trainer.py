@@ -134,7 +134,8 @@ class Trainer:
         self.history: list[dict] = []
         self.best = {"epoch": -1, "value": [-math.inf, -math.inf]}
         self.start_epoch = 0
-        if self.ddp:      # same initial weights on every rank (same seed); own dropout/sub-sampling draws
+        if self.ddp:      # same initial weights on every rank (same seed), then each rank its own dropout draws
+            # (patch sub-sampling uses the epoch's generator, the same on every rank, over different bags)
             torch.manual_seed(seed + 7919 * self.ddp.rank)
 
     # ---- state ------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class Trainer:
             order = (order * 2)[:per * self.ddp.size][self.ddp.rank::self.ddp.size]
         bs = self.cfg.batch_size
         total, count = 0.0, 0
-        running = self.objective.predicts_by_centroid and self.cfg.ncmi_means == "running"
+        running = self.uses_running_means
         seen_p, seen_y = [], []
         bar = tqdm(range(0, len(order), bs), desc=f"seed {self.seed} epoch {epoch + 1}/{self.cfg.epochs}",
                    unit="step", leave=False, disable=None if self.cfg.progress else True)
@@ -256,6 +257,15 @@ class Trainer:
         r["metrics"].update(ncmi_value(o["p"], o["y"], C))
         return r
 
+    @property
+    def uses_running_means(self) -> bool:
+        """``--ncmi-means running``, unless ``--patch-dropout`` makes the training pass see part-bags:
+        their outputs are not the whole-bag outputs that validation is scored against. Measured at
+        0.5 on five cohorts (README, Patch dropout): the exact pass gave NCMI +0.012 macro-F1 on
+        average and a higher AUC on four."""
+        return (self.objective.predicts_by_centroid and self.cfg.ncmi_means == "running"
+                and not self.cfg.patch_dropout)
+
     def train_reference(self) -> dict | None:
         """The training outputs an epoch's NCMI class means come from (None for other losses).
 
@@ -265,7 +275,7 @@ class Trainer:
         """
         if not self.objective.predicts_by_centroid:
             return None
-        if self.cfg.ncmi_means == "running" and getattr(self, "running_train", None) is not None:
+        if self.uses_running_means and getattr(self, "running_train", None) is not None:
             return self.running_train
         return self.forward_split(self.train_set)
 
