@@ -157,6 +157,15 @@ def test_edited_geojson_reimports_through_extract(cmu_exported):
     assert st["broken"][:2] == ("failed", "bad-geojson")
     line = next(l for l in res.stdout.splitlines() if "broken.geojson" in l)
     assert "not valid JSON" in line and "QuPath" in line
+    # `info` dry-runs the same masks: the patch counts extraction got, the broken file named
+    res = run_cli("info", *(str(slides / f"{sid}.svs") for sid in ("same", "edited", "broken", "nofile")),
+                  "--tissue-geojson", str(masks), "--patch-size", "224", "--json")
+    info = {i["slide_id"]: i for i in json.loads(res.stdout)}
+    assert res.returncode == 1 and info["broken"]["reason"] == "bad-geojson" and "broken.geojson" in info["broken"]["error"]
+    assert [info[s]["patches"] for s in ("same", "edited", "nofile")] == [len(before), len(before) - 4, len(before)]
+    assert info["edited"]["tissue_source"].startswith("geojson:") and info["nofile"]["tissue_source"] == "detection"
+    res = run_cli("info", str(slides / "same.svs"), "--tissue-geojson", str(d / "nowhere"))
+    assert res.returncode == 2 and "--tissue-geojson" in res.stderr and "no such folder" in res.stderr
     # unedited export == detection, patch for patch; no file == detection
     for sid in ("same", "nofile"):
         got = _coords(out / f"{sid}.h5")
@@ -266,6 +275,10 @@ def test_remove_pen_drops_inked_patches_and_keeps_clean_tissue(tmp_path, cmu_svs
 
     cfg = ExtractConfig(patch_size=224, thumbnails=False)     # the same grid without --remove-pen
     plain = {sid: plan_slide(slides / f"{sid}.tiff", cfg, None, tmp_path).grid.coords for sid in ("clean", "inked")}
+
+    for flags, want in (((), plain["inked"]), (("--remove-pen",), with_pen["inked"].coords)):   # `info` agrees
+        res = run_cli("info", str(slides / "inked.tiff"), "--patch-size", "224", "--json", *flags)
+        assert res.returncode == 0 and json.loads(res.stdout)[0]["patches"] == len(want), flags
 
     # real H&E has no ink: the rule removes nothing from the clean slide
     assert with_pen["clean"].attrs["pen_fraction"] == 0.0

@@ -106,11 +106,14 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    from wsi_ncmi.slides.geojson import require_geojson_dir
     from wsi_ncmi.slides.inspect import describe_slide, render_info
     from wsi_ncmi.slides.mpp import load_mpp_csv
 
     csv_mpp = load_mpp_csv(args.mpp_csv) if args.mpp_csv else None
-    infos = [describe_slide(s, args.mpp, args.patch_size, args.min_tissue, csv_mpp, args.slide_mpp) for s in args.slides]
+    require_geojson_dir(args.tissue_geojson)
+    infos = [describe_slide(s, args.mpp, args.patch_size, args.min_tissue, csv_mpp, args.slide_mpp,
+                            geojson_dir=args.tissue_geojson, remove_pen=args.remove_pen) for s in args.slides]
     if args.json:
         print(json.dumps(infos, indent=2))
     else:
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--min-tissue", type=float, default=0.25)
     i.add_argument("--slide-mpp", type=float)
     i.add_argument("--mpp-csv")
+    i.add_argument("--tissue-geojson", metavar="DIR",
+                   help="as extract: <slide_id>.geojson tissue polygons replace detection where present")
+    i.add_argument("--remove-pen", action="store_true", help="as extract: subtract marker ink from the tissue mask")
     i.add_argument("--json", action="store_true")
     sub.add_parser("encoders", help="list the registered patch encoders")
     return parser

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.settings import merge_settings
+from wsi_ncmi.slides.geojson import require_geojson_dir
 from wsi_ncmi.slides.mpp import check_mpp_value
 from wsi_ncmi.slides.tissue import TissueParams
 
@@ -93,9 +94,7 @@ class ExtractConfig:
             raise WsiNcmiError(f"--feature-dtype {self.feature_dtype}: choose float16 or float32")
         if self.batch_size < 0:
             raise WsiNcmiError("--batch-size must be positive (or 0 for auto)")
-        if self.tissue_geojson and not Path(self.tissue_geojson).is_dir():
-            raise WsiNcmiError(f"--tissue-geojson {self.tissue_geojson}: no such folder; pass the folder that "
-                               "holds <slide_id>.geojson files (e.g. edited exports from <out>/tissue)")
+        require_geojson_dir(self.tissue_geojson)
         self.shard_index  # noqa: B018  (validates)
         return self
 

@@ -37,6 +37,13 @@ class GeoJSONError(WsiNcmiError):
     """A tissue GeoJSON that cannot be used; the message names the file, what is wrong and the fix."""
 
 
+def require_geojson_dir(folder: str | Path | None) -> None:
+    """``--tissue-geojson DIR`` (extract, info) must name a folder; None (not given) passes."""
+    if folder and not Path(folder).is_dir():
+        raise WsiNcmiError(f"--tissue-geojson {folder}: no such folder; pass the folder that holds "
+                           "<slide_id>.geojson files (e.g. edited exports from <out>/tissue)")
+
+
 # ---- export ----------------------------------------------------------------------------------
 def mask_to_geojson(mask: np.ndarray, scale_x: float, scale_y: float, slide_id: str) -> dict:
     """Outlines of a boolean mask (1 px = ``scale`` level-0 px) as a QuPath-importable

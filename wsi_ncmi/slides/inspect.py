@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsi_ncmi.errors import SlideError
+from wsi_ncmi.slides.geojson import GeoJSONError
 from wsi_ncmi.slides.grid import plan_grid
 from wsi_ncmi.slides.mpp import resolve_mpp
 from wsi_ncmi.slides.open import level_downsamples, open_slide, slide_bounds, slide_id_for
@@ -14,8 +15,13 @@ from wsi_ncmi.slides.tissue import TissueParams, tissue_mask_for_slide
 
 def describe_slide(path: str | Path, target_mpp: float = 0.5, patch_size: int = 256, min_tissue: float = 0.25,
                    csv_mpp: dict | None = None, default_mpp: float | None = None,
-                   tissue: TissueParams = TissueParams()) -> dict:
-    """Levels, dimensions, mpp and its source, vendor; then a dry run of planning and a few reads."""
+                   tissue: TissueParams = TissueParams(), geojson_dir: str | Path | None = None,
+                   remove_pen: bool = False) -> dict:
+    """Levels, dimensions, mpp and its source, vendor; then a dry run of planning and a few reads.
+
+    ``geojson_dir`` and ``remove_pen`` shape the tissue mask as ``extract --tissue-geojson`` and
+    ``--remove-pen`` do (``<dir>/<slide_id>.geojson`` when it exists, detection otherwise), so the
+    patch count is the one extraction would get."""
     path = Path(path)
     info: dict = {"slide_id": slide_id_for(path), "path": str(path), "ok": False}
     try:
@@ -30,7 +36,13 @@ def describe_slide(path: str | Path, target_mpp: float = 0.5, patch_size: int = 
         info["objective_power"] = slide.properties.get("openslide.objective-power")
         mpp = resolve_mpp(slide, path, info["slide_id"], csv_mpp, default_mpp)
         info["mpp"] = {"x": mpp.x, "y": mpp.y, "source": mpp.source}
-        tm = tissue_mask_for_slide(slide, mpp.mean, tissue)
+        geojson = Path(geojson_dir) / f"{info['slide_id']}.geojson" if geojson_dir else None
+        try:
+            tm = tissue_mask_for_slide(slide, mpp.mean, tissue, geojson if geojson and geojson.is_file() else None,
+                                       remove_pen)
+        except GeoJSONError as exc:
+            raise SlideError(path, "bad-geojson", str(exc)) from None
+        info["tissue_source"] = tm.source
         grid = plan_grid(slide_bounds(slide), level_downsamples(slide), mpp, target_mpp, patch_size, tm, min_tissue)
         info["tissue_fraction"] = round(tm.tissue_fraction, 4)
         info["patches"] = len(grid)
