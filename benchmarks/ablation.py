@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ncmi.errors import WsiNcmiError
-from wsi_ncmi.mil.synthetic import CAMELYON17_SHARES, make_cohort, make_measurement_cohort
+from wsi_ncmi.mil.synthetic import CAMELYON17_LIKE_BAGS, make_cohort, make_measurement_cohort
 from wsi_ncmi.train.compare import paired_bootstrap, paired_difference, read_test_predictions
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.run import run_training
@@ -138,7 +138,7 @@ def _cohorts(args, work: Path) -> list[dict]:
                             features=str(demo / "features"), extra=dict(val_fraction=0.2), demo=demo))
     root = work / "cohorts" / "generated"
     if not (root / "labels.csv").is_file():
-        make_cohort(root, n_slides=160, dim=32, bag_size=(60, 160), separation=4.0, proportions=CAMELYON17_SHARES)
+        make_cohort(root, n_slides=160, **CAMELYON17_LIKE_BAGS)
     cohorts.append(dict(name="generated", task="csv", labels=str(root / "labels.csv"), features=str(root / "features")))
     for ds in MEASUREMENT:
         root = work / "cohorts" / ds

@@ -37,7 +37,7 @@ import json
 import time
 from pathlib import Path
 
-from wsi_ncmi.mil.synthetic import CAMELYON17_SHARES, make_cohort
+from wsi_ncmi.mil.synthetic import CAMELYON17_LIKE_BAGS, make_cohort
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.compare import interval, paired_bootstrap, paired_difference, read_test_predictions
 from wsi_ncmi.train.run import run_training
@@ -110,8 +110,7 @@ def main() -> None:
         source = f"demo cohort ({demo})"
     elif not args.features:
         if not (work / "bags" / "labels.csv").exists():
-            make_cohort(work / "bags", n_slides=args.slides, dim=32, bag_size=(60, 160), separation=4.0,
-                        proportions=CAMELYON17_SHARES)
+            make_cohort(work / "bags", n_slides=args.slides, **CAMELYON17_LIKE_BAGS)
         args.labels, args.features = str(work / "bags" / "labels.csv"), str(work / "bags" / "features")
         source = f"generated bags ({args.slides} slides, CAMELYON-17 class shares, class by tumour-instance count)"
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.settings import merge_settings
-from wsi_ncmi.slides.geojson import require_geojson_dir
+from wsi_ncmi.slides.geojson import geojson_for, require_geojson_dir
 from wsi_ncmi.slides.mpp import check_mpp_value
 from wsi_ncmi.slides.tissue import TissueParams
 
@@ -56,10 +56,7 @@ class ExtractConfig:
 
     def geojson_for(self, slide_id: str) -> Path | None:
         """This slide's tissue GeoJSON under ``--tissue-geojson``, or None (tissue detection)."""
-        if not self.tissue_geojson:
-            return None
-        p = Path(self.tissue_geojson) / f"{slide_id}.geojson"
-        return p if p.is_file() else None
+        return geojson_for(self.tissue_geojson, slide_id)
 
     @property
     def shard_index(self) -> tuple[int, int]:

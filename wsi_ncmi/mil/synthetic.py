@@ -16,6 +16,8 @@ import numpy as np
 from wsi_ncmi.store.h5 import FeatureWriter
 
 CAMELYON17_SHARES = (318, 36, 59, 87)   # slide-level negative / ITC / micro / macro counts
+# the generated bags of benchmarks/loss_table.py and benchmarks/ablation.py: make_cohort(out, n_slides, **these)
+CAMELYON17_LIKE_BAGS = dict(dim=32, bag_size=(60, 160), separation=4.0, proportions=CAMELYON17_SHARES)
 TUMOUR_COUNTS = ((0, 0), (1, 3), (4, 15), (16, 40))   # per class: inclusive range of tumour instances
 
 

@@ -37,6 +37,14 @@ class GeoJSONError(WsiNcmiError):
     """A tissue GeoJSON that cannot be used; the message names the file, what is wrong and the fix."""
 
 
+def geojson_for(folder: str | Path | None, slide_id: str) -> Path | None:
+    """``<folder>/<slide_id>.geojson`` when it exists, else None (tissue detection)."""
+    if not folder:
+        return None
+    p = Path(folder) / f"{slide_id}.geojson"
+    return p if p.is_file() else None
+
+
 def require_geojson_dir(folder: str | Path | None) -> None:
     """``--tissue-geojson DIR`` (extract, info) must name a folder; None (not given) passes."""
     if folder and not Path(folder).is_dir():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsi_ncmi.errors import SlideError
-from wsi_ncmi.slides.geojson import GeoJSONError
+from wsi_ncmi.slides.geojson import GeoJSONError, geojson_for
 from wsi_ncmi.slides.grid import plan_grid
 from wsi_ncmi.slides.mpp import resolve_mpp
 from wsi_ncmi.slides.open import level_downsamples, open_slide, slide_bounds, slide_id_for
@@ -36,10 +36,8 @@ def describe_slide(path: str | Path, target_mpp: float = 0.5, patch_size: int = 
         info["objective_power"] = slide.properties.get("openslide.objective-power")
         mpp = resolve_mpp(slide, path, info["slide_id"], csv_mpp, default_mpp)
         info["mpp"] = {"x": mpp.x, "y": mpp.y, "source": mpp.source}
-        geojson = Path(geojson_dir) / f"{info['slide_id']}.geojson" if geojson_dir else None
         try:
-            tm = tissue_mask_for_slide(slide, mpp.mean, tissue, geojson if geojson and geojson.is_file() else None,
-                                       remove_pen)
+            tm = tissue_mask_for_slide(slide, mpp.mean, tissue, geojson_for(geojson_dir, info["slide_id"]), remove_pen)
         except GeoJSONError as exc:
             raise SlideError(path, "bad-geojson", str(exc)) from None
         info["tissue_source"] = tm.source

@@ -9,7 +9,6 @@ fast with a message that names the files.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +174,18 @@ class BagStore:
         return arr
 
 
+def kept_patches(n, patch_dropout: float = 0.0, max_patches: int = 0):
+    """Patches a training step keeps of a bag of ``n`` (int or int array): ceil((1 - patch_dropout) * n),
+    at least 1, then at most ``max_patches`` (> 0). The 1e-9 keeps float error from adding a patch
+    ((1 - 0.7) * 50 is 15.000000000000002)."""
+    keep = n
+    if patch_dropout:
+        keep = np.maximum(1, np.ceil((1.0 - patch_dropout) * np.asarray(n) - 1e-9)).astype(np.int64)
+    if max_patches:
+        keep = np.minimum(keep, max_patches)
+    return keep
+
+
 def collate(bags: list[np.ndarray], device, max_patches: int = 0, gen: torch.Generator | None = None,
             patch_dropout: float = 0.0):
     """Pad bags to one (B, N, D) float32 tensor with a (B, N) mask (None when B == 1).
@@ -185,11 +196,7 @@ def collate(bags: list[np.ndarray], device, max_patches: int = 0, gen: torch.Gen
     """
     picked = []
     for b in bags:
-        keep = len(b)
-        if patch_dropout:
-            keep = max(1, math.ceil((1.0 - patch_dropout) * keep - 1e-9))
-        if max_patches:
-            keep = min(keep, max_patches)
+        keep = int(kept_patches(len(b), patch_dropout, max_patches))
         if keep < len(b):
             idx = torch.randperm(len(b), generator=gen)[:keep].sort().values.numpy()
             b = b[idx]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from wsi_ncmi.store.h5 import read_feature_file
+from wsi_ncmi.train.data import kept_patches
 
 FACTOR = 4.0            # warn when the longest bag is this many times the mean one
 
@@ -27,11 +28,8 @@ def padding_warning(cfg, task, store) -> str | None:
     recs = task.split("train")
     if bs <= 1 or len(recs) < 2:
         return None
-    n = np.array([bag_length(store.source, r.slide_id) for r in recs], dtype=np.int64)
-    if cfg.patch_dropout:
-        n = np.maximum(1, np.ceil((1.0 - cfg.patch_dropout) * n - 1e-9)).astype(np.int64)
-    if cfg.max_patches:
-        n = np.minimum(n, cfg.max_patches)
+    n = kept_patches(np.array([bag_length(store.source, r.slide_id) for r in recs], dtype=np.int64),
+                     cfg.patch_dropout, cfg.max_patches)
     longest, mean = int(n.max()), float(n.mean())
     if longest < FACTOR * mean:
         return None
