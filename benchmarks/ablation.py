@@ -91,16 +91,24 @@ def _run_name(loss: str, setting: dict) -> str:
     return "_".join([loss] + [f"{k}={v}" for k, v in changed]) if changed else f"{loss}_default"
 
 
+def _applies(loss: str, setting: dict) -> dict:
+    """The part of ``setting`` that ``loss`` reads: CE ignores the ``ncmi_*`` settings, so a grid over
+    one of them trains (and reuses) a single CE run, its baseline for every value."""
+    return {k: v for k, v in setting.items() if loss == "ncmi" or not k.startswith("ncmi_")}
+
+
 def _train(cohort: dict, loss: str, setting: dict, seeds: int, work: Path) -> Path:
     import yaml
 
+    setting = _applies(loss, setting)
     out = work / "runs" / cohort["name"] / _run_name(loss, setting)
     if all((out / f"seed_{s}" / "metrics.json").is_file() for s in range(seeds)):
         saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
-        wrong = [k for k, v in dict(setting, loss=loss).items()
-                 if saved.get(k, TrainConfig.__dataclass_fields__[k].default) != v]
-        if wrong:
-            raise SystemExit(f"{out} was trained with other values of {', '.join(wrong)}; use another --workdir")
+        missing = object()
+        wrong = [k for k, v in dict(setting, loss=loss).items() if saved.get(k, missing) != v]
+        if wrong:   # a key missing from config.yaml: trained by a wsi-ncmi without that setting
+            raise SystemExit(f"{out} was trained with other values of {', '.join(wrong)} (or before they "
+                             "existed); use another --workdir")
         return out
     cfg = TrainConfig(task=cohort["task"], labels=cohort["labels"], features=cohort["features"], out=str(out),
                       loss=loss, seeds=seeds, resume=True, progress=False, bootstrap=100,

@@ -133,7 +133,8 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     res = out["runs"]
     first = capsys.readouterr().out
     assert set(res) == {"ncmi", "ce"} and "| ncmi |" in first and "| ce |" in first
-    for stage in ("[1/5]", "[5/5]", "lesion AP", "NCMI - CE, paired", "total ", "train ce "):
+    for stage in ("[1/5]", "[5/5]", "lesion AP", "NCMI - CE, paired", "ncmi prediction rule per seed", "total ",
+                  "train ce "):
         assert stage in first, stage
     d = out["ncmi_minus_ce"]["macro_f1"]
     assert np.isfinite(d).all() and d[1] <= d[2]

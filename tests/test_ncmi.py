@@ -123,3 +123,48 @@ def test_objective_ce_plus_ncmi_adds_the_terms():
     u = logits / logits.norm(dim=1, keepdim=True) / 0.3     # logit space: normalised logits / T
     n = ncmi_ratio(nsf(u), both.ncmi.centroids(), y)
     assert float(both.network_loss(logits, None, y)[0].detach()) == pytest.approx(float((ce + 0.5 * n).detach()), rel=1e-5)
+
+
+def _spread_cohort(seed=0):
+    """Two classes of P on the 3-simplex: class 0 tight around its mean, class 1 spread wide."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    y = torch.arange(200) % 2
+    noise = torch.where(y[:, None] == 0, torch.tensor(0.05), torch.tensor(1.0))
+    return torch.softmax(centre[y] + noise * torch.randn(200, 3, generator=g), 1), y
+
+
+def _between(qbar, n=20):
+    """Points nearer class 0's mean by KL, yet many of class 0's spreads away from it: the rules part here."""
+    p = torch.softmax(torch.tensor([[1.2, 0.8, 0.0]]).repeat(n, 1) + 0.01 * torch.arange(n)[:, None], 1)
+    d = kl_matrix(p.double(), qbar)
+    assert bool((d[:, 0] < d[:, 1]).all())
+    return p
+
+
+def test_ncmi_prediction_rules_nearest_bayes_and_auto_on_validation():
+    from wsi_ncmi.train.scoring import Scorer, fit_scorer
+
+    p, y = _spread_cohort()
+    train = {"p": p, "y": y}
+    priors = torch.tensor([0.5, 0.5])
+    near = fit_scorer("ncmi", True, train, train, priors, "nearest")
+    pb = _between(near.qbar)
+    assert near.rule == "nearest" and bool((near.predict(None, pb) == 0).all())
+    bayes = fit_scorer("ncmi", True, train, train, priors, "bayes")
+    assert bool((bayes.predict(None, pb) == 1).all())        # class 0 is tight: too far from it in its own units
+    assert torch.equal(bayes.predict(None, pb), bayes.log_scores(None, pb).argmax(1))
+    # auto keeps whichever rule the validation labels favour, the method's nearest mean on a tie
+    val_p = torch.cat([p[:40], pb])
+    for label, rule in ((1, "bayes"), (0, "nearest")):
+        val = {"p": val_p, "y": torch.cat([y[:40], torch.full((len(pb),), label)])}
+        assert fit_scorer("ncmi", True, train, val, priors, "auto").rule == rule
+    both_right = {"p": near.qbar.float(), "y": torch.tensor([0, 1])}      # each class mean itself
+    assert fit_scorer("ncmi", True, train, both_right, priors).rule == "nearest"
+    # the rule travels in scoring.pt; a scoring.pt from before it predicts by the nearest mean
+    assert Scorer.from_state(bayes.state()).rule == "bayes"
+    legacy = {k: v for k, v in bayes.state().items() if k != "rule"}
+    assert Scorer.from_state(legacy).rule == "nearest"
+    with pytest.raises(ValueError, match="rule must be one of"):
+        fit_scorer("ncmi", True, train, train, priors, "argmax")
+    assert fit_scorer("ce", False, train, train, priors, "bayes").kind == "softmax"

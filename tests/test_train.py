@@ -83,6 +83,24 @@ def test_run_folder_contents(cohort, tmp_path):
     assert all(abs(sum(float(r[f"p_{k}"]) for k in range(4)) - 1) < 1e-4 for r in rows)
     assert all(abs(np.exp(float(r[f"logp_{k}"])) - float(r[f"p_{k}"])) < 1e-8 for r in rows for k in range(4))
     assert "± " in (out / "metrics.md").read_text()
+    # NCMI's prediction rule (--ncmi-predict auto): chosen per seed, recorded, and what the CSV's pred follows
+    assert agg["ncmi_predict"] == [json.loads((out / f"seed_{s}" / "metrics.json").read_text())["ncmi_predict"]
+                                   for s in (0, 1)] and set(agg["ncmi_predict"]) <= {"nearest", "bayes"}
+    assert "NCMI prediction rule per seed (chosen on validation macro-F1): seed 0 " in (out / "metrics.md").read_text()
+
+
+def test_ncmi_predict_bayes_predicts_the_argmax_of_the_written_scores(cohort, tmp_path):
+    out = tmp_path / "run"
+    agg = _quiet(run_training, _cfg(cohort, out, epochs=3, loss="ncmi", ncmi_predict="bayes"))
+    assert agg["ncmi_predict"] == ["bayes"]
+    with open(out / "seed_0" / "predictions_test.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(int(r["pred"]) == int(np.argmax([float(r[f"logp_{k}"]) for k in range(4)])) for r in rows)
+    assert "(--ncmi-predict bayes): seed 0 bayes" in (out / "metrics.md").read_text()
+    # evaluate re-scores the same model by another rule, without training
+    again = _quiet(run_evaluation, out, None, None, None, "nearest")
+    assert again["ncmi_predict"] == ["nearest"] and again["test"]["auc"]["mean"] == pytest.approx(agg["test"]["auc"]["mean"])
+    assert "(--ncmi-predict nearest): seed 0 nearest" in (out / "evaluate" / "metrics.md").read_text()
 
 
 def test_evaluate_rescores_to_the_same_numbers(cohort, tmp_path):
@@ -331,6 +349,8 @@ def test_train_cli_errors_and_help():
     assert res.returncode == 2 and "--loss hinge: choose one of" in res.stderr
     res = run_cli("train", "--feature-norm", "minmax")
     assert res.returncode == 2 and "--feature-norm minmax: choose none or zscore" in res.stderr
+    res = run_cli("train", "--ncmi-predict", "argmax")
+    assert res.returncode == 2 and "--ncmi-predict argmax: choose auto, nearest or bayes" in res.stderr
     res = run_cli("train", "--patch-dropout", "1")
     assert res.returncode == 2 and "--patch-dropout 1.0: the share of patches dropped must be in [0, 1)" in res.stderr
     assert "ncmi" in run_cli("train", "--help").stdout

@@ -204,6 +204,11 @@ _TRAIN_FLAGS = [
                         "the epoch time). With --patch-dropout, exact is used: the training pass sees "
                         "part-bags. The final scores always use the exact pass"),
     ("ncmi_temperature", float, "NSF temperature T in both spaces (default 0.3)"),
+    ("ncmi_predict", str, "how an NCMI model predicts a class: nearest (the method's nearest training class mean, "
+                          "argmin KL), bayes (argmax of the class scores written to the predictions CSV, which "
+                          "weigh each class's own spread around its mean), or auto (default): per model, the one "
+                          "with the higher validation macro-F1, nearest on a tie. AUC, ECE and Brier do not "
+                          "depend on it (README: NCMI's prediction rule)"),
     ("ncmi_weight", float, "weight of the NCMI term in ce+ncmi (default 1.0)"),
     ("mi_weight", float, "mi: weight of the label-entropy term H(Y) (default 1.0)"),
     ("mi_window", int, "mi: training samples in the running marginal, 0 = batch only (default 64)"),
@@ -238,6 +243,9 @@ def _add_train(sub) -> None:
     e.add_argument("--features", help="features to score on (default: the run's own)")
     e.add_argument("--labels", help="label file (default: the run's own; for a moved run or corrected labels)")
     e.add_argument("--slides", help="BRACS_WSI folder (default: the run's own)")
+    e.add_argument("--ncmi-predict", choices=("auto", "nearest", "bayes"),
+                   help="NCMI runs: re-score by this prediction rule instead of the run's own (see train --help); "
+                        "no training needed")
     _add_predict(sub)
     h = sub.add_parser("heatmap", help="attention or information heatmap of a slide under a trained run",
                        description="Draw a trained model's view of one slide over its thumbnail. --kind attention: "
@@ -355,7 +363,7 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from wsi_ncmi.train.run import run_evaluation
 
-    run_evaluation(args.run, args.features, args.labels, args.slides)
+    run_evaluation(args.run, args.features, args.labels, args.slides, args.ncmi_predict)
     return 0
 
 

@@ -150,6 +150,10 @@ def demo_table(results: dict, aps: dict, seeds: int, diff: dict | None = None,
     chance = next(iter(aps.values()))
     lines += ["", f"lesion AP: attention ranking the patches that touch a lesion, on the {chance.slides} micro and "
                   f"macro test slides (chance {chance.chance:.3f})"]
+    rules = {loss: agg["ncmi_predict"] for loss, agg in results.items() if "ncmi_predict" in agg}
+    for loss, r in rules.items():
+        lines.append(f"{loss} prediction rule per seed (chosen on validation macro-F1): "
+                     + ", ".join(r))
     if diff:
         lines.append("NCMI - CE, paired over seeds and test slides (95% bootstrap interval): " + ", ".join(
             f"{name} {diff[k][0]:+.3f} [{diff[k][1]:+.3f}, {diff[k][2]:+.3f}]"

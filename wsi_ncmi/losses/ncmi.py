@@ -28,10 +28,11 @@ Where P lives is a design choice (``space``):
   batch size. The authors' decay of 0.9999 was set for batch means over many CIFAR steps; at one
   bag per step the first bag still weighed 0.86 of the centre after 1,500 steps.
 
-Prediction is by the nearest class-mean centroid, argmin_k KL(P(x) || Qbar_k), Qbar_k the mean of P
-over the training samples of class k recomputed each epoch in eval mode (``class_mean``). Class
+The method predicts by the nearest class-mean centroid, argmin_k KL(P(x) || Qbar_k), Qbar_k the mean
+of P over the training samples of class k recomputed each epoch in eval mode (``class_mean``). Class
 scores (for AUC, the predictions CSV and information maps) are ``centroid_log_scores``: a Bayes
-score from the method of types, computed in float64 log space.
+score from the method of types, computed in float64 log space. Which of the two decides the class
+is ``--ncmi-predict`` (``train/scoring.py``).
 """
 
 from __future__ import annotations
@@ -194,9 +195,9 @@ def centroid_log_scores(p: torch.Tensor, qbar: torch.Tensor, spread: torch.Tenso
     posterior score log pi_k - log s_k - KL(P || Qbar_k) / s_k, normalised (log-softmax, divided by
     a temperature ``tau`` fit on validation for calibration). Everything is float64 and stays in
     log space: softmax(-KL / tau) in float32 saturated to exact 0 or 1 on separable validation sets
-    (tau at the grid floor) and understated AUC by up to 0.07. The prediction stays the method's
-    nearest centroid, argmin_k KL; the score ranks and calibrates, and includes the prior (so the
-    information maps subtract log pi once).
+    (tau at the grid floor) and understated AUC by up to 0.07. The score ranks and calibrates, and
+    includes the prior (so the information maps subtract log pi once); its argmax is the ``bayes``
+    prediction rule, the method's nearest centroid (argmin_k KL) the ``nearest`` one.
     """
     d = kl_matrix(p.double(), qbar.double())
     s = spread.double()

@@ -64,6 +64,7 @@ class TrainConfig:
     ncmi_centroids: str = "alternating"
     ncmi_means: str = "running"       # NCMI class means per epoch: running (the train pass) or exact (eval pass)
     ncmi_temperature: float | None = None
+    ncmi_predict: str = "auto"        # NCMI prediction: nearest (class mean), bayes (score), auto (chosen on validation)
     ncmi_weight: float = 1.0          # for ce+ncmi
     mi_weight: float = 1.0            # mi: weight of the label-entropy term
     mi_window: int = 64               # mi: running window of samples for the marginal
@@ -87,6 +88,8 @@ class TrainConfig:
             raise WsiNcmiError(f"--ncmi-space {self.ncmi_space}: choose logit or embedding")
         if self.ncmi_means not in ("exact", "running"):
             raise WsiNcmiError(f"--ncmi-means {self.ncmi_means}: choose exact or running")
+        if self.ncmi_predict not in ("auto", "nearest", "bayes"):
+            raise WsiNcmiError(f"--ncmi-predict {self.ncmi_predict}: choose auto, nearest or bayes")
         if self.ncmi_centroids not in ("alternating", "fixed"):
             raise WsiNcmiError(f"--ncmi-centroids {self.ncmi_centroids}: choose alternating or fixed")
         if self.select_metric not in ("loss", "macro_f1", "auc", "balanced_accuracy", "accuracy"):

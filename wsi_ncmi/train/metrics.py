@@ -50,14 +50,19 @@ def classification_metrics(y, pred, scores, num_classes: int, log_scores=None) -
         return _metrics(np.asarray(y), np.asarray(pred), np.asarray(scores, dtype=np.float64), num_classes, logs)
 
 
+def macro_f1(y, pred) -> float:
+    """Macro-F1 over the classes present in ``y`` or ``pred`` (a class absent from both is no error)."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    return float(f1_score(y, pred, average="macro", labels=sorted(set(y.tolist()) | set(pred.tolist())), zero_division=0))
+
+
 def _metrics(y, pred, scores, num_classes: int, logs=None) -> dict:
     labels = list(range(num_classes))
     rank = logs if logs is not None else scores
     nll = -logs[np.arange(len(y)), y] if logs is not None else -np.log(np.clip(scores[np.arange(len(y)), y], 1e-300, None))
     return {
         "n": int(len(y)),
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=sorted(set(y.tolist()) | set(pred.tolist())),
-                                   zero_division=0)),
+        "macro_f1": macro_f1(y, pred),
         "auc": macro_auc(y, rank),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "accuracy": float(accuracy_score(y, pred)),

@@ -133,6 +133,7 @@ def write_seed_outputs(trainer: Trainer, scores: dict[str, dict], out: Path) -> 
         metrics[sp] = o["metrics"]
         if o["scorer"].kind == "centroid":
             metrics[sp]["score_temperature"] = o["scorer"].tau
+            metrics["ncmi_predict"] = o["scorer"].rule
     save_checkpoint(next(iter(scores.values()))["scorer"].state(), out / "scoring.pt")   # single-slide scoring
     if "test" in scores:
         t = scores["test"]
@@ -160,6 +161,8 @@ def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> 
     for sp in EVALUATED:
         if all(sp in m for m in per_seed):
             agg[sp] = mean_std_of(per_seed, sp)
+    if any("ncmi_predict" in m for m in per_seed):     # NCMI: each model's prediction rule (--ncmi-predict)
+        agg["ncmi_predict"] = [m.get("ncmi_predict", "nearest") for m in per_seed]
     (out / "metrics.json").write_text(json.dumps(agg, indent=2))
     lines = [f"# {task.name}: {cfg.model} trained with {cfg.loss} ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})", "",
              "| split | macro-F1 | AUC | balanced acc. | accuracy | ECE | Brier | NCMI |",
@@ -178,6 +181,10 @@ def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> 
             t, ci = m["test"], m["test"]["ci95"]
             lines.append(f"| {m['seed']} | {m['best_epoch']} | {t['macro_f1']:.3f} ({ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}) "
                          f"| {t['auc']:.3f} ({ci['auc'][0]:.3f}-{ci['auc'][1]:.3f}) |")
+    if "ncmi_predict" in agg:
+        how = "chosen on validation macro-F1" if cfg.ncmi_predict == "auto" else f"--ncmi-predict {cfg.ncmi_predict}"
+        lines += ["", f"NCMI prediction rule per seed ({how}): " + ", ".join(
+            f"seed {m['seed']} {r}" for m, r in zip(per_seed, agg["ncmi_predict"]))]
     splits = [sp for sp in ("train", "val", "oof", "test") if sp in agg["counts"]]
     lines += ["", f"Class counts ({' / '.join(splits)}): " + "; ".join(
         f"{c}: " + "/".join(str(agg['counts'][sp][k]) for sp in splits) for k, c in enumerate(task.classes))]
@@ -267,10 +274,13 @@ def run_training(cfg: TrainConfig) -> dict:
 
 
 def run_evaluation(run: str | Path, features: str | None = None, labels: str | None = None,
-                   slides: str | None = None) -> dict:
-    """Re-score a trained run (e.g. on re-extracted features) into ``<run>/evaluate/``."""
+                   slides: str | None = None, ncmi_predict: str | None = None) -> dict:
+    """Re-score a trained run (e.g. on re-extracted features, or by another ``--ncmi-predict`` rule,
+    which needs no training) into ``<run>/evaluate/``."""
     run = Path(run)
     cfg = load_run_config(run, features=features, labels=labels, slides=slides)
+    if ncmi_predict:
+        cfg = replace(cfg, ncmi_predict=ncmi_predict).validate()
     refuse_while_training(run, "evaluate")
     cfg = replace(cfg, allow_patient_overlap=True)   # scoring a trained model: overlap was settled at training
     task, store, _ = prepare(cfg)

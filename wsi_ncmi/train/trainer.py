@@ -245,7 +245,8 @@ class Trainer:
     def score(self, outs: dict[str, dict], ref_train: dict, ref_val: dict) -> dict[str, dict]:
         """Predictions and class scores per split by the run's scoring rule (``train/scoring.py``),
         fit on the training outputs (NCMI's class means) and validation (its temperature)."""
-        scorer = fit_scorer(self.cfg.loss, self.objective.predicts_by_centroid, ref_train, ref_val, self.priors)
+        scorer = fit_scorer(self.cfg.loss, self.objective.predicts_by_centroid, ref_train, ref_val, self.priors,
+                            self.cfg.ncmi_predict)
         return {k: self.score_with(scorer, o) for k, o in outs.items()}
 
     def score_with(self, scorer: Scorer, o: dict) -> dict:
