@@ -52,6 +52,7 @@ MEASUREMENT = ("digits", "breast_cancer", "wine")
 LOSSES = ("ce", "ncmi")
 
 
+NCMI_ONLY = {"ncmi_space", "ncmi_centroids", "ncmi_means", "ncmi_temperature", "ncmi_predict", "centroid_lr"}
 RESERVED = {"task", "labels", "features", "out", "loss", "seeds", "seed", "resume", "overwrite", "progress",
             "bootstrap", "slides", "folds"}     # set by the benchmark itself
 
@@ -92,27 +93,25 @@ def _run_name(loss: str, setting: dict) -> str:
 
 
 def _applies(loss: str, setting: dict) -> dict:
-    """The part of ``setting`` that ``loss`` reads: CE ignores the ``ncmi_*`` settings, so a grid over
+    """The part of ``setting`` that ``loss`` reads: CE ignores NCMI's own settings, so a grid over
     one of them trains (and reuses) a single CE run, its baseline for every value."""
-    return {k: v for k, v in setting.items() if loss == "ncmi" or not k.startswith("ncmi_")}
+    return {k: v for k, v in setting.items() if loss == "ncmi" or k not in NCMI_ONLY}
 
 
 def _train(cohort: dict, loss: str, setting: dict, seeds: int, work: Path) -> Path:
-    import yaml
+    from wsi_ncmi.train.runfolder import saved_differences
 
     setting = _applies(loss, setting)
     out = work / "runs" / cohort["name"] / _run_name(loss, setting)
-    if all((out / f"seed_{s}" / "metrics.json").is_file() for s in range(seeds)):
-        saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
-        missing = object()
-        wrong = [k for k, v in dict(setting, loss=loss).items() if saved.get(k, missing) != v]
-        if wrong:   # a key missing from config.yaml: trained by a wsi-ncmi without that setting
-            raise SystemExit(f"{out} was trained with other values of {', '.join(wrong)} (or before they "
-                             "existed); use another --workdir")
-        return out
     cfg = TrainConfig(task=cohort["task"], labels=cohort["labels"], features=cohort["features"], out=str(out),
                       loss=loss, seeds=seeds, resume=True, progress=False, bootstrap=100,
                       **{**cohort.get("extra", {}), **setting})
+    if (out / "config.yaml").is_file() and (stale := saved_differences(out, cfg)):
+        print(f"{out}: trained with other settings ({', '.join(stale)}, e.g. by an older wsi-ncmi); training it "
+              "again", flush=True)
+        cfg.overwrite = True
+    elif all((out / f"seed_{s}" / "metrics.json").is_file() for s in range(seeds)):
+        return out
     with contextlib.redirect_stdout(io.StringIO()):
         run_training(cfg)                                   # resume adds seeds to a shorter run
     return out
@@ -199,9 +198,12 @@ def main() -> None:
           f"change from the baseline ({name(settings[0])}) paired over seeds and test slides, 95% bootstrap "
           "interval\n")
     print("| cohort | loss | setting | macro-F1 / AUC | change in macro-F1 | change in AUC |\n|---|---|---|---|---|---|")
+    first = lambda loss, i: next(j for j in range(i + 1) if _applies(loss, settings[j]) == _applies(loss, settings[i]))
     for c in cohorts:
         for loss in args.losses:
             for i, setting in enumerate(settings):
+                if first(loss, i) != i:          # the same run as an earlier row (a setting this loss ignores)
+                    continue
                 change = ""
                 if i:
                     pair = {"new": members[(c["name"], loss, i)], "base": members[(c["name"], loss, 0)]}
@@ -222,11 +224,13 @@ def main() -> None:
         for cname in known:
             for loss in args.losses:
                 for i, setting in enumerate(settings):
+                    if first(loss, i) != i:
+                        continue
                     a = aps[(cname, loss, i)]
                     print(f"| {cname} | {loss} | {name(setting)} | {a.ap:.3f} ± {a.std:.3f} | {a.chance:.3f} |")
     print("\nmean macro-F1 over cohorts: " + ", ".join(
         f"{loss} [{name(s)}] {np.mean([cell[(c['name'], loss, i)][0]['mean'] for c in cohorts]):.3f}"
-        for loss in args.losses for i, s in enumerate(settings)))
+        for loss in args.losses for i, s in enumerate(settings) if first(loss, i) == i))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from wsi_ncmi.mil.synthetic import CAMELYON17_LIKE_BAGS, make_cohort
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.compare import interval, paired_bootstrap, paired_difference, read_test_predictions
 from wsi_ncmi.train.run import run_training
+from wsi_ncmi.train.runfolder import saved_differences
 from wsi_ncmi.train.trainer import selection_value
 
 LR2 = (3e-4, 1e-3)
@@ -75,10 +76,13 @@ def _train(base: dict, kw: dict, seed: int, work: Path) -> Path:
     norm = base.get("feature_norm", "none")
     out = work / "runs" / (_slug(kw) + ("" if norm == "none" else f"_{norm}")) / f"s{seed}"
     sdir = out / f"seed_{seed}"
-    if (sdir / "metrics.json").exists():
-        return sdir
     cfg = TrainConfig(**base, **kw, out=str(out), seeds=1, seed=seed, progress=False, bootstrap=10,
                       overwrite=True)
+    if (sdir / "metrics.json").exists():
+        if not (stale := saved_differences(out, cfg)):
+            return sdir
+        print(f"{out}: trained with other settings ({', '.join(stale)}, e.g. by an older wsi-ncmi); training it "
+              "again", flush=True)
     with contextlib.redirect_stdout(io.StringIO()):
         run_training(cfg)
     return sdir

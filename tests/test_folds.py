@@ -275,3 +275,10 @@ def test_csv_fold_run_without_a_test_split_pools_every_slide(tmp_path):
     assert agg["oof_pooled"]["n"] == 24 and "ci95" in agg["oof_pooled"]["per_seed"][0]
     rc, table, err = cli("report", tmp_path / "run")
     assert rc == 0 and "abmil/ce" in table, err
+    ncmi = TrainConfig(**{**cfg.to_dict(), "loss": "ncmi", "out": str(tmp_path / "ncmi")})
+    with contextlib.redirect_stdout(io.StringIO()):
+        agg = run_training(ncmi)
+    assert set(agg["ncmi_predict"]) == {"fold_0", "fold_1"}
+    assert all(len(r) == 1 and r[0] in ("nearest", "bayes") for r in agg["ncmi_predict"].values())
+    assert f"NCMI prediction rule per fold (seeds in order): fold_0 {agg['ncmi_predict']['fold_0'][0]}; fold_1 " \
+        in (tmp_path / "ncmi" / "metrics.md").read_text()

@@ -162,6 +162,31 @@ def test_a_run_folder_refuses_other_settings_and_overwrite_replaces_it(cohort, t
     assert json.loads((run / "run.json").read_text())["identity"]["loss"] == "ce"
     assert (run / "notes.txt").read_text() == "mine"  # --overwrite removes only what a run writes
     assert "overwrite: false" in (run / "config.yaml").read_text()
+    rc, _, err = cli("evaluate", run, "--ncmi-predict", "nearest")
+    assert rc == 2 and "trained with ce" in err and "applies to ncmi runs only" in err, err
+
+
+def test_an_ncmi_run_from_before_ncmi_predict_keeps_its_nearest_mean_rule(cohort, trained, tmp_path):
+    """Such a run's config.yaml and run.json lack ncmi_predict: it predicted by the nearest class mean,
+    which is what evaluate and --resume take it to mean, not today's default (auto)."""
+    import yaml
+
+    run = _copy(trained, tmp_path / "run")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["train"]["ncmi_predict"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    record = json.loads((run / "run.json").read_text())
+    del record["identity"]["ncmi_predict"]
+    (run / "run.json").write_text(json.dumps(record))
+    rc, out, err = cli("evaluate", run)
+    assert rc == 0, err
+    assert json.loads((run / "evaluate" / "metrics.json").read_text())["ncmi_predict"] == ["nearest"]
+    resume = ("train", "--config", run / "config.yaml", "--out", run, "--resume")   # config.yaml names the original
+    rc, _, err = cli(*resume)
+    assert rc == 2 and "ncmi_predict (nearest -> auto)" in err and "evaluate" in err, err
+    assert f"--config {run / 'config.yaml'} --resume --ncmi-predict nearest`" in err
+    rc, out, err = cli(*resume, "--ncmi-predict", "nearest")
+    assert rc == 0 and "seed 0: already finished, kept" in out, err
 
 
 def test_out_must_be_a_writable_folder_that_is_a_run_or_empty(cohort, tmp_path):

@@ -18,6 +18,7 @@ from wsi_ncmi.mil.synthetic import make_cohort
 from wsi_ncmi.store.zarr_cache import pack_features
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.data import FeatureSource
+from wsi_ncmi.train.metrics import macro_f1
 from wsi_ncmi.train.run import run_evaluation, run_training
 
 from conftest import ROOT, run_cli
@@ -87,6 +88,16 @@ def test_run_folder_contents(cohort, tmp_path):
     assert agg["ncmi_predict"] == [json.loads((out / f"seed_{s}" / "metrics.json").read_text())["ncmi_predict"]
                                    for s in (0, 1)] and set(agg["ncmi_predict"]) <= {"nearest", "bayes"}
     assert "NCMI prediction rule per seed (chosen on validation macro-F1): seed 0 " in (out / "metrics.md").read_text()
+    pred = lambda d, sp: [r["pred"] for r in csv.DictReader(open(d / f"predictions_{sp}.csv"))]   # noqa: E731
+    by_rule = {}
+    for rule in ("nearest", "bayes"):
+        _quiet(run_evaluation, out, None, None, None, rule)
+        by_rule[rule] = {(s, sp): pred(out / "evaluate" / f"seed_{s}", sp) for s in (0, 1) for sp in ("val", "test")}
+    for s, rule in enumerate(agg["ncmi_predict"]):
+        assert all(pred(out / f"seed_{s}", sp) == by_rule[rule][(s, sp)] for sp in ("val", "test"))
+        f1 = {r: macro_f1([int(x["label"]) for x in csv.DictReader(open(out / f"seed_{s}" / "predictions_val.csv"))],
+                          [int(v) for v in by_rule[r][(s, "val")]]) for r in by_rule}
+        assert rule == ("bayes" if f1["bayes"] > f1["nearest"] else "nearest")     # chosen on validation
 
 
 def test_ncmi_predict_bayes_predicts_the_argmax_of_the_written_scores(cohort, tmp_path):

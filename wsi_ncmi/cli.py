@@ -12,6 +12,7 @@ import sys
 
 from wsi_ncmi import __version__
 from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.train.config import NCMI_PREDICT_RULES
 
 EXTRACT_EPILOG = """\
 examples:
@@ -207,8 +208,11 @@ _TRAIN_FLAGS = [
     ("ncmi_predict", str, "how an NCMI model predicts a class: nearest (the method's nearest training class mean, "
                           "argmin KL), bayes (argmax of the class scores written to the predictions CSV, which "
                           "weigh each class's own spread around its mean), or auto (default): per model, the one "
-                          "with the higher validation macro-F1, nearest on a tie. AUC, ECE and Brier do not "
-                          "depend on it (README: NCMI's prediction rule)"),
+                          "with the higher validation macro-F1, nearest on a tie. A trained model's AUC, ECE "
+                          "and Brier do not depend on it; its validation macro-F1 can change which epoch is "
+                          "kept under --select-metric macro_f1 (and as the tie-break of the default). "
+                          "`evaluate --ncmi-predict` re-scores a trained run by another rule (README: NCMI's "
+                          "prediction rule)"),
     ("ncmi_weight", float, "weight of the NCMI term in ce+ncmi (default 1.0)"),
     ("mi_weight", float, "mi: weight of the label-entropy term H(Y) (default 1.0)"),
     ("mi_window", int, "mi: training samples in the running marginal, 0 = batch only (default 64)"),
@@ -243,7 +247,7 @@ def _add_train(sub) -> None:
     e.add_argument("--features", help="features to score on (default: the run's own)")
     e.add_argument("--labels", help="label file (default: the run's own; for a moved run or corrected labels)")
     e.add_argument("--slides", help="BRACS_WSI folder (default: the run's own)")
-    e.add_argument("--ncmi-predict", choices=("auto", "nearest", "bayes"),
+    e.add_argument("--ncmi-predict", choices=NCMI_PREDICT_RULES,
                    help="NCMI runs: re-score by this prediction rule instead of the run's own (see train --help); "
                         "no training needed")
     _add_predict(sub)

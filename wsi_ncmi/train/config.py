@@ -25,6 +25,19 @@ def parse_lr(value) -> float | str:
     return lr
 
 
+NCMI_PREDICT_RULES = ("auto", "nearest", "bayes")   # --ncmi-predict
+
+
+def recorded_default(key: str, recorded: dict):
+    """What a run folder's saved settings meant by leaving ``key`` out: the behaviour of the wsi-ncmi
+    that wrote them. Settings added later default to what older versions did; for most that is the
+    new default, but an NCMI run from before ``--ncmi-predict`` predicted by the nearest class mean."""
+    if key == "ncmi_predict" and recorded.get("loss") == "ncmi":
+        return "nearest"
+    f = TrainConfig.__dataclass_fields__.get(key)
+    return f.default if f is not None else None
+
+
 @dataclass
 class TrainConfig:
     task: str = "csv"                 # camelyon17, bracs, bracs3, csv
@@ -88,7 +101,7 @@ class TrainConfig:
             raise WsiNcmiError(f"--ncmi-space {self.ncmi_space}: choose logit or embedding")
         if self.ncmi_means not in ("exact", "running"):
             raise WsiNcmiError(f"--ncmi-means {self.ncmi_means}: choose exact or running")
-        if self.ncmi_predict not in ("auto", "nearest", "bayes"):
+        if self.ncmi_predict not in NCMI_PREDICT_RULES:
             raise WsiNcmiError(f"--ncmi-predict {self.ncmi_predict}: choose auto, nearest or bayes")
         if self.ncmi_centroids not in ("alternating", "fixed"):
             raise WsiNcmiError(f"--ncmi-centroids {self.ncmi_centroids}: choose alternating or fixed")

@@ -184,6 +184,9 @@ def aggregate_folds(per_fold: list[list[dict]], cfg, plan: Plan, out: Path, root
                             "test": task.counts()["test"] if task.fixed_test else [0] * C,
                             "folds": [f.counts()[OOF] for f in ftasks]},
                  "notes": task.notes, "oof_pooled": {**summary, "n": len(assignment), "per_seed": per_seed}}
+    if any("ncmi_predict" in m for m in flat):   # NCMI: each fold x seed model's prediction rule
+        agg["ncmi_predict"] = {f"fold_{k}": [m.get("ncmi_predict", "nearest") for m in fold]
+                               for k, fold in enumerate(per_fold)}
     for sp in EVALUATED:
         if all(sp in m for m in flat):
             agg[sp] = mean_std_of(flat, sp)
@@ -221,5 +224,8 @@ def _markdown(agg: dict, cfg, task: Task, runs: int) -> str:
         f"fold {k}: " + "/".join(str(v) for v in f) for k, f in enumerate(c["folds"])) + f" ({', '.join(task.classes)})"]
     if task.fixed_test:
         lines.append("Held-out test: " + "/".join(str(v) for v in c["test"]))
+    if "ncmi_predict" in agg:
+        lines.append("NCMI prediction rule per fold (seeds in order): " + "; ".join(
+            f"{f} {', '.join(r)}" for f, r in agg["ncmi_predict"].items()))
     lines.append("Per fold: fold_*/metrics.md; predictions: predictions_oof.csv; assignment: folds.csv")
     return "\n".join(lines) + "\n"

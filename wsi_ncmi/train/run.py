@@ -280,6 +280,9 @@ def run_evaluation(run: str | Path, features: str | None = None, labels: str | N
     run = Path(run)
     cfg = load_run_config(run, features=features, labels=labels, slides=slides)
     if ncmi_predict:
+        if cfg.loss != "ncmi":
+            raise WsiNcmiError(f"--ncmi-predict: {run} was trained with {cfg.loss}, which predicts by the argmax of "
+                               "its scores; the rule applies to ncmi runs only")
         cfg = replace(cfg, ncmi_predict=ncmi_predict).validate()
     refuse_while_training(run, "evaluate")
     cfg = replace(cfg, allow_patient_overlap=True)   # scoring a trained model: overlap was settled at training

@@ -61,7 +61,7 @@ def load_run_config(run: str | Path, require: tuple[str, ...] = PATH_KEYS, **giv
     is not the one recorded in ``run.json`` is refused unless given explicitly."""
     import yaml
 
-    from wsi_ncmi.train.config import TrainConfig
+    from wsi_ncmi.train.config import TrainConfig, recorded_default
 
     run = Path(run)
     cfg_file = run / "config.yaml"
@@ -71,10 +71,12 @@ def load_run_config(run: str | Path, require: tuple[str, ...] = PATH_KEYS, **giv
         raise WsiNcmiError(f"{run}: not a training run folder (no config.yaml); pass the --out of `wsi-ncmi train`")
     try:
         cfg = TrainConfig.from_sources(str(cfg_file), resume=False)
+        saved = (yaml.safe_load(cfg_file.read_text()) or {}).get("train") or {}
     except (yaml.YAMLError, TypeError, ValueError, AttributeError) as exc:
         raise WsiNcmiError(f"{cfg_file}: unreadable ({str(exc).splitlines()[0]}); restore it, or train the run "
                            "again") from None
-    values = {}
+    values = {f.name: recorded_default(f.name, saved) for f in fields(TrainConfig)   # settings newer than the
+              if f.name not in saved and f.name not in PATH_KEYS}                   # run: what its version did
     for key in PATH_KEYS:
         flag = given.get(key)
         if flag:
@@ -147,19 +149,29 @@ def identity(cfg, task, store) -> dict:
     return ident
 
 
-def differences(old: dict, new: dict, defaults: dict) -> list[str]:
-    """``key: old -> new`` for every identity key that differs. A key an older run lacks counts as
-    unchanged when the new value is its default (settings added to TrainConfig later)."""
+def differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every identity key that differs. A key an older run lacks (a setting
+    added to TrainConfig later) stands for what that version did (``config.recorded_default``)."""
+    from wsi_ncmi.train.config import recorded_default
+
     out = []
     for k in sorted(set(old) | set(new)):
-        if k in NOT_IDENTITY or k in PATH_KEYS:   # recorded; compared through their digests
+        if k in NOT_IDENTITY or k in PATH_KEYS or (k in DERIVED and k not in old):   # paths: through digests
             continue
-        if k not in old and (k in DERIVED or new.get(k) == defaults.get(k)):
-            continue
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, recorded_default(k, old)), new.get(k)
         if a != b:
             out.append(f"{k} ({'changed' if k in DERIVED else f'{a} -> {b}'})")
     return out
+
+
+def saved_differences(run: Path, cfg) -> list[str]:
+    """``differences`` between the settings in ``run/config.yaml`` and ``cfg`` (paths and the settings
+    that may change on resume aside): whether a finished run can stand for ``cfg``. For scripts that
+    reuse finished runs (the benchmarks) without opening them for training."""
+    import yaml
+
+    saved = (yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}).get("train") or {}
+    return differences(saved, cfg.to_dict())
 
 
 def refuse_changed_task(run: Path, cfg, task) -> None:
@@ -344,7 +356,7 @@ def open_run(cfg, task, store, world=None) -> None:
 
 
 def _open_run(cfg, task, store) -> None:
-    from wsi_ncmi.train.config import TrainConfig
+    from wsi_ncmi.train.config import recorded_default
 
     out = Path(cfg.out)
     _usable_folder(out)
@@ -365,8 +377,7 @@ def _open_run(cfg, task, store) -> None:
         old = read_identity(out) if (out / RUN_FILE).is_file() else _legacy_identity(out)
         if (out / RUN_FILE).is_file():
             record = json.loads((out / RUN_FILE).read_text())
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-        diff = differences(old, new, defaults)
+        diff = differences(old, new)
         work = _work(out)
         if cfg.overwrite or (diff and not work):   # nothing trained yet: nothing to lose or to mix
             _remove_run(out)
@@ -374,11 +385,16 @@ def _open_run(cfg, task, store) -> None:
             print(f"note: {'--overwrite: ' if cfg.overwrite else ''}removed the previous run in {out}"
                   + (f" ({', '.join(work)})" if work else " (no epoch finished)"))
         elif diff and cfg.resume:
+            older = "".join(f" --{k.replace('_', '-')} {recorded_default(k, old)}" for k in sorted(new)
+                            if k not in old and k not in DERIVED and recorded_default(k, old) != new[k])
+            rule = (" To score the trained models by another prediction rule, `wsi-ncmi evaluate "
+                    f"{out} --ncmi-predict RULE` needs no training." if any(d.startswith("ncmi_predict ") for d in diff)
+                    else "")
             raise WsiNcmiError(
                 f"{out}: --resume with changed settings: {', '.join(diff)}; only "
                 f"{', '.join(sorted(MAY_CHANGE_ON_RESUME - {'resume', 'overwrite'}))} may change on --resume. Resume "
-                f"with the run's own settings (`wsi-ncmi train --config {out / 'config.yaml'} --resume`), or pass "
-                "--overwrite to train it again from scratch (or another --out)")
+                f"with the run's own settings (`wsi-ncmi train --config {out / 'config.yaml'} --resume{older}`), or "
+                f"pass --overwrite to train it again from scratch (or another --out).{rule}")
         elif diff:
             raise WsiNcmiError(
                 f"{out}: holds a run of other settings ({', '.join(diff)}); pass another --out, or --overwrite to "

@@ -21,7 +21,8 @@ or a prior-free, balanced score (PC-softmax, inverse-frequency weighted CE, lega
 the information maps turn either into the log posterior and subtract log pi once.
 
 The rule is fit once per trained model (``fit_scorer``) and saved to ``seed_<s>/scoring.pt``, so
-``evaluate``, ``heatmap`` and ``predict`` score a slide exactly as training did.
+``evaluate``, ``heatmap`` and ``predict`` score a slide exactly as training did (``evaluate
+--ncmi-predict`` refits it with another prediction rule on request).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from wsi_ncmi.losses.ncmi import TAU_BOUNDS, centroid_log_scores, class_mean, class_spread, fit_temperature, kl_matrix
+from wsi_ncmi.train.config import NCMI_PREDICT_RULES
 from wsi_ncmi.train.metrics import macro_f1
 
 PRIOR_FREE_LOSSES = ("pc_softmax", "weighted_ce")   # trained to balanced (prior-free) class scores
-NCMI_PREDICT_RULES = ("auto", "nearest", "bayes")   # --ncmi-predict
 
 
 @dataclass
