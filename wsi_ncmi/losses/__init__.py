@@ -30,7 +30,8 @@ class Objective(nn.Module):
     """One loss, with what it needs to score: centroids for ``ncmi``, softmax for the rest.
 
     ``ce+ncmi`` adds ``ncmi_weight`` x NCMI to CE and predicts with the CE head; ``ncmi`` predicts
-    from its training class means (the nearest mean, or the Bayes score over them: ``train/scoring.py``). ``cmi_ce`` and ``ncmi`` own learnable centroids
+    from its training class means (the nearest mean, or the Bayes score over them:
+    ``train/scoring.py``). ``cmi_ce`` and ``ncmi`` own learnable centroids
     (``centroid_module``), stepped by their own optimizer after each network step.
     """
 

@@ -77,7 +77,7 @@ class TrainConfig:
     ncmi_centroids: str = "alternating"
     ncmi_means: str = "running"       # NCMI class means per epoch: running (the train pass) or exact (eval pass)
     ncmi_temperature: float | None = None
-    ncmi_predict: str = "auto"        # NCMI prediction: nearest (class mean), bayes (score), auto (chosen on validation)
+    ncmi_predict: str = "auto"        # NCMI prediction: nearest (class mean), bayes (score), auto (on validation)
     ncmi_weight: float = 1.0          # for ce+ncmi
     mi_weight: float = 1.0            # mi: weight of the label-entropy term
     mi_window: int = 64               # mi: running window of samples for the marginal

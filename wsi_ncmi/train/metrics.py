@@ -53,7 +53,8 @@ def classification_metrics(y, pred, scores, num_classes: int, log_scores=None) -
 def macro_f1(y, pred) -> float:
     """Macro-F1 over the classes present in ``y`` or ``pred`` (a class absent from both is no error)."""
     y, pred = np.asarray(y), np.asarray(pred)
-    return float(f1_score(y, pred, average="macro", labels=sorted(set(y.tolist()) | set(pred.tolist())), zero_division=0))
+    labels = sorted(set(y.tolist()) | set(pred.tolist()))
+    return float(f1_score(y, pred, average="macro", labels=labels, zero_division=0))
 
 
 def _metrics(y, pred, scores, num_classes: int, logs=None) -> dict:
