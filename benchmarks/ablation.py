@@ -198,7 +198,9 @@ def main() -> None:
           f"change from the baseline ({name(settings[0])}) paired over seeds and test slides, 95% bootstrap "
           "interval\n")
     print("| cohort | loss | setting | macro-F1 / AUC | change in macro-F1 | change in AUC |\n|---|---|---|---|---|---|")
-    first = lambda loss, i: next(j for j in range(i + 1) if _applies(loss, settings[j]) == _applies(loss, settings[i]))
+    def first(loss: str, i: int) -> int:   # the first setting that trains the same run for this loss
+        return next(j for j in range(i + 1) if _applies(loss, settings[j]) == _applies(loss, settings[i]))
+
     for c in cohorts:
         for loss in args.losses:
             for i, setting in enumerate(settings):
