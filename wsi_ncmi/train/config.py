@@ -26,6 +26,7 @@ def parse_lr(value) -> float | str:
 
 
 NCMI_PREDICT_RULES = ("auto", "nearest", "bayes")   # --ncmi-predict
+NCMI_PREDICT_BEFORE = "nearest"   # the rule of every NCMI model trained before --ncmi-predict existed
 
 
 def recorded_default(key: str, recorded: dict):
@@ -33,7 +34,7 @@ def recorded_default(key: str, recorded: dict):
     that wrote them. Settings added later default to what older versions did; for most that is the
     new default, but an NCMI run from before ``--ncmi-predict`` predicted by the nearest class mean."""
     if key == "ncmi_predict" and recorded.get("loss") == "ncmi":
-        return "nearest"
+        return NCMI_PREDICT_BEFORE
     f = TrainConfig.__dataclass_fields__.get(key)
     return f.default if f is not None else None
 

@@ -28,6 +28,7 @@ import numpy as np
 from wsi_ncmi.errors import WsiNcmiError
 from wsi_ncmi.tasks.base import Task
 from wsi_ncmi.tasks.folds import OOF, cv_pool, fold_assignment, fold_task
+from wsi_ncmi.train.config import NCMI_PREDICT_BEFORE
 from wsi_ncmi.train.metrics import bootstrap_ci, classification_metrics, mean_std
 from wsi_ncmi.train.run import (EVALUATED, REPORTED, _patient_kappa, aggregate, evaluate_seeds, mean_std_of,
                                 read_scores, train_seeds)
@@ -185,7 +186,7 @@ def aggregate_folds(per_fold: list[list[dict]], cfg, plan: Plan, out: Path, root
                             "folds": [f.counts()[OOF] for f in ftasks]},
                  "notes": task.notes, "oof_pooled": {**summary, "n": len(assignment), "per_seed": per_seed}}
     if any("ncmi_predict" in m for m in flat):   # NCMI: each fold x seed model's prediction rule
-        agg["ncmi_predict"] = {f"fold_{k}": [m.get("ncmi_predict", "nearest") for m in fold]
+        agg["ncmi_predict"] = {f"fold_{k}": [m.get("ncmi_predict", NCMI_PREDICT_BEFORE) for m in fold]
                                for k, fold in enumerate(per_fold)}
     for sp in EVALUATED:
         if all(sp in m for m in flat):

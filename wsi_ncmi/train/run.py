@@ -32,7 +32,7 @@ from wsi_ncmi.store.provenance import write_run_provenance
 from wsi_ncmi.tasks import load_task, pn_stage
 from wsi_ncmi.tasks.base import Task
 from wsi_ncmi.train.checkpoint import save_checkpoint
-from wsi_ncmi.train.config import TrainConfig
+from wsi_ncmi.train.config import NCMI_PREDICT_BEFORE, TrainConfig
 from wsi_ncmi.train.data import BagStore, FeatureSource
 from wsi_ncmi.train.lr_search import adopt_trial, choose_lr, recorded_lr
 from wsi_ncmi.train.metrics import bootstrap_ci, mean_std, quadratic_kappa
@@ -162,7 +162,7 @@ def aggregate(per_seed: list[dict], cfg: TrainConfig, task: Task, out: Path) -> 
         if all(sp in m for m in per_seed):
             agg[sp] = mean_std_of(per_seed, sp)
     if any("ncmi_predict" in m for m in per_seed):     # NCMI: each model's prediction rule (--ncmi-predict)
-        agg["ncmi_predict"] = [m.get("ncmi_predict", "nearest") for m in per_seed]
+        agg["ncmi_predict"] = [m.get("ncmi_predict", NCMI_PREDICT_BEFORE) for m in per_seed]
     (out / "metrics.json").write_text(json.dumps(agg, indent=2))
     lines = [f"# {task.name}: {cfg.model} trained with {cfg.loss} ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})", "",
              "| split | macro-F1 | AUC | balanced acc. | accuracy | ECE | Brier | NCMI |",

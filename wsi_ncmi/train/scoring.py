@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from wsi_ncmi.losses.ncmi import TAU_BOUNDS, centroid_log_scores, class_mean, class_spread, fit_temperature, kl_matrix
-from wsi_ncmi.train.config import NCMI_PREDICT_RULES
+from wsi_ncmi.train.config import NCMI_PREDICT_BEFORE, NCMI_PREDICT_RULES
 from wsi_ncmi.train.metrics import macro_f1
 
 PRIOR_FREE_LOSSES = ("pc_softmax", "weighted_ce")   # trained to balanced (prior-free) class scores
@@ -72,7 +72,7 @@ class Scorer:
         if "kind" not in st:                   # scoring.pt of earlier runs: {"qbar", "tau"}, prior-free scores
             return cls("centroid", includes_prior=False, qbar=st["qbar"], tau=float(st["tau"]))
         return cls(st["kind"], bool(st["includes_prior"]), st["qbar"], st["spread"], st["log_prior"], float(st["tau"]),
-                   st.get("rule", "nearest"))   # scoring.pt from before --ncmi-predict: the nearest mean
+                   st.get("rule", NCMI_PREDICT_BEFORE))   # scoring.pt from before --ncmi-predict
 
 
 def fit_scorer(loss: str, by_centroid: bool, train: dict, val: dict, priors: torch.Tensor,
