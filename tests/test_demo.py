@@ -143,7 +143,7 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     for loss in ("ncmi", "ce"):
         ap = out["lesion_ap"][loss]
         assert ap.slides >= 1 and 0 < ap.chance < 1 and 0 <= ap.ap <= 1
-        for png in (tmp_path / "runs" / loss / "heatmaps").glob("*.png"):   # recompute from the heatmap's CSV
+        for png in (tmp_path / "runs" / f"{loss}_patch_dropout_0.5" / "heatmaps").glob("*.png"):   # from the heatmap's CSV
             sid = png.stem
             if sid not in ap.per_slide:
                 continue
@@ -160,8 +160,9 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     for part in ("## Confusion matrices (test)", "| true \\ predicted |", "## Lesion AP per test slide",
                  "NCMI vs accuracy", "## Heatmaps: one test slide per class"):
         assert part in report, part
-    for loss in ("ncmi", "ce"):
-        run = tmp_path / "runs" / loss
+    for loss in ("ncmi", "ce"):       # the demo's default: both losses with --patch-dropout 0.5
+        run = tmp_path / "runs" / f"{loss}_patch_dropout_0.5"
+        assert "patch_dropout: 0.5" in (run / "config.yaml").read_text()
         m = json.loads((run / "metrics.json").read_text())
         assert 0 <= m["test"]["macro_f1"]["mean"] <= 1 and m["task"] == "camelyon17"
         assert (run / "seed_0" / "curves.png").stat().st_size > 5000
@@ -173,12 +174,12 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     # the in-context estimator on a real slide, with blocks of neighbouring patches removed together
     slide = next(p for p in sorted((tmp_path / "slides").rglob("*.tif*")))
     png = tmp_path / "removal.png"
-    r = run_cli("heatmap", str(tmp_path / "runs" / "ce"), str(slide), "--kind", "info", "--estimator", "removal",
+    r = run_cli("heatmap", str(tmp_path / "runs" / "ce_patch_dropout_0.5"), str(slide), "--kind", "info", "--estimator", "removal",
                 "--max-evals", "8", "--target-class", "macro", "--out", str(png))
     assert r.returncode == 0, r.stderr
     vals = [float(row["info_macro"]) for row in csv.DictReader(open(png.with_suffix(".csv")))]
     assert png.stat().st_size > 5000 and 1 < len(set(vals)) <= 8          # one value per removed block
-    bad = run_cli("heatmap", str(tmp_path / "runs" / "ce"), str(slide), "--kind", "info", "--target-class", "nope")
+    bad = run_cli("heatmap", str(tmp_path / "runs" / "ce_patch_dropout_0.5"), str(slide), "--kind", "info", "--target-class", "nope")
     assert bad.returncode != 0 and "not a class of this run" in bad.stderr and "Traceback" not in bad.stderr
     report = (tmp_path / "report.md").read_text()
     for link in [l.split("](")[1].rstrip(")") for l in report.splitlines() if l.startswith("![")]:
@@ -186,22 +187,23 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     run_demo(tmp_path, **kw)
     second = capsys.readouterr().out
     assert "all 10 slides are already extracted" in second
-    again = json.loads((tmp_path / "runs" / "ncmi" / "metrics.json").read_text())
+    again = json.loads((tmp_path / "runs" / "ncmi_patch_dropout_0.5" / "metrics.json").read_text())
     assert again["test"] == json.loads(json.dumps(res["ncmi"]["test"]))
     with pytest.raises(Exception, match="another plan"):
         run_demo(tmp_path, **dict(kw, width_um=3100))
-    # --patch-dropout trains beside the default runs, on the same features, and leaves them as they were
-    pd = run_demo(tmp_path, **dict(kw, patch_dropout=0.5))
+    # --patch-dropout 0 (the library defaults) trains beside the default runs, on the same features,
+    # and leaves them as they were
+    lib = run_demo(tmp_path, **dict(kw, patch_dropout=0.0))
     for loss in ("ncmi", "ce"):
-        run = tmp_path / "runs" / f"{loss}_patch_dropout_0.5"
-        assert "patch_dropout: 0.5" in (run / "config.yaml").read_text()
-        assert pd["lesion_ap"][loss].slides == out["lesion_ap"][loss].slides
-    pd_report = (tmp_path / "report_patch_dropout_0.5.md").read_text()
-    assert "runs/ce_patch_dropout_0.5/seed_0/curves.png" in pd_report and "--patch-dropout 0.5, mean" in pd_report
-    for link in [l.split("](")[1].rstrip(")") for l in pd_report.splitlines() if l.startswith("![")]:
+        assert "patch_dropout: 0.0" in (tmp_path / "runs" / loss / "config.yaml").read_text()
+        assert lib["lesion_ap"][loss].slides == out["lesion_ap"][loss].slides
+    lib_report = (tmp_path / "report_patch_dropout_0.md").read_text()
+    assert "runs/ce/seed_0/curves.png" in lib_report and "--patch-dropout 0, mean" in lib_report
+    for link in [l.split("](")[1].rstrip(")") for l in lib_report.splitlines() if l.startswith("![")]:
         assert (tmp_path / link).is_file(), link
-    assert json.loads((tmp_path / "runs" / "ncmi" / "metrics.json").read_text())["test"] == again["test"]
-    assert "runs/ce/seed_0" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "runs" / "ncmi_patch_dropout_0.5" / "metrics.json").read_text())["test"] == again["test"]
+    report = (tmp_path / "report.md").read_text()
+    assert "runs/ce_patch_dropout_0.5/seed_0" in report and "--patch-dropout 0.5, mean" in report
 
 
 def test_demo_cli_refuses_bad_counts_before_writing(tmp_path):
@@ -210,4 +212,7 @@ def test_demo_cli_refuses_bad_counts_before_writing(tmp_path):
         assert r.returncode == 2 and "--patients-per-centre" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
     r = run_cli("demo", "--out", str(tmp_path / "d"), "--patch-dropout", "1")
     assert r.returncode == 2 and "--patch-dropout 1.0" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    from wsi_ncmi.demo.run import DEMO_PATCH_DROPOUT
+
+    assert f"(default {DEMO_PATCH_DROPOUT:g}:" in " ".join(run_cli("demo", "--help").stdout.split())
     assert not (tmp_path / "d").exists()

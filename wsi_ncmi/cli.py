@@ -283,10 +283,11 @@ def _add_train(sub) -> None:
                         "number for all (default 10,10,10,4,4: 190 slides, about 30 training slides per class)")
     d.add_argument("--seeds", type=int, default=3, help="seeds per loss (default 3)")
     d.add_argument("--epochs", type=int, default=40, help="most epochs per seed (default 40; early stopping)")
-    d.add_argument("--patch-dropout", type=float, default=0.0, metavar="P",
-                   help="train both losses with `train --patch-dropout P` (e.g. 0.5) into runs/<loss>_patch_dropout_P, "
-                        "beside the default runs; the attention then finds more of each lesion (README) "
-                        "(default 0: the library defaults)")
+    d.add_argument("--patch-dropout", type=float, metavar="P",   # default: demo.run.DEMO_PATCH_DROPOUT (a test checks)
+                   help="train both losses with `train --patch-dropout P` (default 0.5: the cohort's "
+                        "lesions span several patches, where it helps the attention find all of a lesion; why, and "
+                        "what it costs NCMI: README, The demo). 0 runs the library defaults into runs/<loss>, "
+                        "beside the default runs, on the same slides and features")
     d.add_argument("--verbose", action="store_true", help="show the training log")
     r = sub.add_parser("report", help="one comparison table over several training runs")
     r.add_argument("runs", nargs="+", help="run folders of `wsi-ncmi train`")
@@ -391,8 +392,9 @@ def _cmd_demo(args) -> int:
                            "comma-separated counts (one per centre), each 1-20") from None
     if args.seeds < 1 or args.epochs < 1:
         raise WsiNcmiError("--seeds and --epochs must be at least 1")
+    given = {} if args.patch_dropout is None else {"patch_dropout": args.patch_dropout}
     run_demo(args.out, counts[0] if len(counts) == 1 else tuple(counts), seeds=args.seeds, epochs=args.epochs,
-             verbose=args.verbose, patch_dropout=args.patch_dropout)
+             verbose=args.verbose, **given)
     return 0
 
 
