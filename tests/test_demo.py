@@ -157,7 +157,7 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
             checked += 1
     assert checked >= 1
     report = (tmp_path / "report.md").read_text()
-    for part in ("## Confusion matrices (test)", "| true \\ predicted |", "## Lesion AP per test slide",
+    for part in ("## Validation split", "## Confusion matrices (test)", "| true \\ predicted |", "## Lesion AP per test slide",
                  "NCMI vs accuracy", "## Heatmaps: one test slide per class"):
         assert part in report, part
     for loss in ("ncmi", "ce"):       # the demo's default: both losses with --patch-dropout 0.5

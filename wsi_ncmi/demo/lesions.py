@@ -46,14 +46,16 @@ class LesionAP:
 
 
 def lesion_ap(run: str | Path, features: str | Path, plan: list[dict], test_centres: tuple[int, ...] = (3, 4),
-              seeds: list[int] | None = None) -> LesionAP:
+              seeds: list[int] | None = None, slide_ids: set[str] | None = None) -> LesionAP:
     """Lesion AP of the seeds of ``run`` (``seeds``, default all) on the micro and macro slides of the
-    test centres that have both touching and other patches."""
+    test centres that have both touching and other patches; ``slide_ids`` instead of the test
+    centres scores those slides (the demo's validation split)."""
     from wsi_ncmi.store.h5 import read_feature_file
 
     def bags():
         for s in plan:
-            if s["centre"] not in test_centres or s["label"] not in SCORED_LABELS:
+            chosen = s["centre"] in test_centres if slide_ids is None else s["slide_id"] in slide_ids
+            if not chosen or s["label"] not in SCORED_LABELS:
                 continue
             ff = read_feature_file(Path(features) / f"{s['slide_id']}.h5")
             a = ff.attrs

@@ -26,7 +26,8 @@ Why this design (issue #14, measured on this project's 2-core CPU machine):
   leaves it off. Measured on the validation split only (25 slides, 3 seeds): it lowered both
   losses' validation NLL (the epoch-selection criterion; CE 0.314 -> 0.195, NCMI 0.573 -> 0.466)
   and raised CE's validation macro-F1 (0.846 -> 0.902) and lesion AP (0.641 -> 0.763); NCMI's
-  validation macro-F1 and lesion AP fell (0.782 -> 0.744, 0.767 -> 0.722). Both losses get the
+  validation macro-F1 and lesion AP fell (0.782 -> 0.744, 0.767 -> 0.722); ``report.md`` prints
+  these validation figures for every run (``_validation``). Both losses get the
   same recipe, so the paired comparison compares losses, not recipes. ``--patch-dropout 0`` runs
   the library defaults beside it.
 """
@@ -34,6 +35,7 @@ Why this design (issue #14, measured on this project's 2-core CPU machine):
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import time
@@ -109,7 +111,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     print("      " + ex.render().replace("\n", "\n      "), flush=True)
     if ex.failed:
         raise SystemExit(1)
-    results, aps = {}, {}
+    results, aps, val = {}, {}, {}
     for loss in losses:
         st.start(f"train {loss}", f"training gated ABMIL with {loss}, {seeds} seed(s), centres 0-2 -> 3-4")
         cfg = TrainConfig(task="camelyon17", labels=str(out / "stage_labels.csv"), features=str(out / "features"),
@@ -119,6 +121,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
         with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
             results[loss] = run_training(cfg)
         aps[loss] = lesion_ap(runs[loss], out / "features", plan, TEST_CENTRES, list(range(seeds)))
+        val[loss] = _validation(runs[loss], out / "features", plan, seeds)
     st.start("heatmaps", "attention and information heatmaps, paired comparison")
     heatmaps = []
     test = [s for s in plan if s["centre"] in TEST_CENTRES]
@@ -140,7 +143,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     title = f"CAMELYON-17-like demo, test centres 3-4, --patch-dropout {patch_dropout:g}"
     table = demo_table(results, aps, seeds, diff, title)
     report = out / f"report{suffix}.md"
-    report.write_text(_report(out, runs, table, results, aps, heatmaps, ex, classes, st.times, seeds))
+    report.write_text(_report(out, runs, table, results, aps, heatmaps, ex, classes, st.times, seeds, val))
     print("\n" + table)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in st.times.items()))
     print(f"pictures: {out / 'features' / 'thumbnails'}/*.png (tissue + patch grid), "
@@ -177,6 +180,22 @@ def demo_table(results: dict, aps: dict, seeds: int, diff: dict | None = None,
     return "\n".join(lines)
 
 
+def _validation(run: Path, features: Path, plan: list[dict], seeds: int) -> dict:
+    """Validation macro-F1, AUC, NLL (the epoch-selection criterion) and lesion AP, mean and std over
+    seeds: the figures a demo setting is chosen on (the test figures are not)."""
+    from wsi_ncmi.demo.lesions import lesion_ap
+    from wsi_ncmi.train.metrics import mean_std
+
+    per_seed = [json.loads((run / f"seed_{k}" / "metrics.json").read_text())["val"] for k in range(seeds)]
+    out = {k: mean_std([m[k] for m in per_seed]) for k in ("macro_f1", "auc", "nll")}
+    with open(run / "seed_0" / "predictions_val.csv") as fh:   # every seed validates on the same slides
+        ids = {r["slide_id"] for r in csv.DictReader(fh)}
+    ap = lesion_ap(run, features, plan, seeds=list(range(seeds)), slide_ids=ids)
+    out["lesion_ap"] = (ap.ap, ap.std)
+    out["slides"], out["ap_slides"] = len(ids), ap.slides
+    return out
+
+
 def _confusion_md(run: Path, classes: list[str], seeds: int) -> str:
     """Test confusion matrix summed over the demo's seeds, with each class's recall."""
     cms = [np.array(json.loads((run / f"seed_{k}" / "metrics.json").read_text())["test"]["confusion"])
@@ -190,14 +209,22 @@ def _confusion_md(run: Path, classes: list[str], seeds: int) -> str:
 
 
 def _report(out: Path, runs: dict, table: str, results: dict, aps: dict, heatmaps: list, ex, classes: list[str],
-            times: dict, seeds: int) -> str:
+            times: dict, seeds: int, val: dict) -> str:
     rel = lambda p: Path(p).resolve().relative_to(out.resolve()).as_posix()   # noqa: E731
     thumbs = sorted((out / "features" / "thumbnails").glob("*.png"))[:4]
     parts = ["# wsi-ncmi demo report", "", table, "",
              "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), "",
              f"Extraction: {ex.count('done')} slides extracted now, {ex.count('skipped')} reused; "
              f"{ex.tiles:,} tiles at {ex.tiles_per_s:.1f} tiles/s this run.", ""]
-    parts += ["## Confusion matrices (test)", ""]
+    v0 = next(iter(val.values()))
+    parts += ["## Validation split", "",
+              f"What a demo setting is chosen on ({v0['slides']} slides of centres 0-2; lesion AP on its "
+              f"{v0['ap_slides']} micro and macro slides), mean ± std over {seeds} seed(s). NLL of the class scores "
+              "is what picks each seed's epoch.", "",
+              "| loss | macro-F1 | macro AUC | NLL | lesion AP |", "|---|---|---|---|---|"]
+    parts += [f"| {loss} | " + " | ".join(f"{v[k][0]:.3f} ± {v[k][1]:.3f}" for k in ("macro_f1", "auc", "nll", "lesion_ap"))
+              + " |" for loss, v in val.items()]
+    parts += ["", "## Confusion matrices (test)", ""]
     for loss in results:
         parts += [f"### {loss}", "", _confusion_md(runs[loss], classes, seeds), "",
                   f"![test]({rel(runs[loss] / 'seed_0' / 'test_confusion_roc.png')})", ""]
