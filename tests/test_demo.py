@@ -157,6 +157,8 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
             checked += 1
     assert checked >= 1
     report = (tmp_path / "report.md").read_text()
+    val_rows = report.split("## Validation split")[1].split("## Confusion")[0]
+    assert "| ncmi | " in val_rows and "| ce | " in val_rows
     for part in ("## Validation split", "## Confusion matrices (test)", "| true \\ predicted |", "## Lesion AP per test slide",
                  "NCMI vs accuracy", "## Heatmaps: one test slide per class"):
         assert part in report, part
@@ -215,4 +217,17 @@ def test_demo_cli_refuses_bad_counts_before_writing(tmp_path):
     from wsi_ncmi.demo.run import DEMO_PATCH_DROPOUT
 
     assert f"(default {DEMO_PATCH_DROPOUT:g}:" in " ".join(run_cli("demo", "--help").stdout.split())
+
+
+def test_demo_cli_leaves_patch_dropout_to_the_demo_unless_given(tmp_path, monkeypatch):
+    """Without --patch-dropout the demo's own default (DEMO_PATCH_DROPOUT) applies, the value the
+    help text names; a given value is passed through."""
+    import wsi_ncmi.demo.run as demo
+    from wsi_ncmi.cli import main
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: calls.append(kw))
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d"), "--patch-dropout", "0"]) == 0
+    assert "patch_dropout" not in calls[0] and calls[1]["patch_dropout"] == 0.0
     assert not (tmp_path / "d").exists()

@@ -56,8 +56,9 @@ def test_finish_leaves_no_gloo_threads_behind(tmp_path):
     script.write_text(
         "import glob, torch\n"
         "from wsi_ncmi.distributed import finish, gather, start, world\n"
+        "from wsi_ncmi.train.trainer import fused_if_possible\n"
         "w = world(); start(w)\n"
-        "torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])   # what every Trainer builds\n"
+        "fused_if_possible(torch.optim.AdamW, [torch.nn.Parameter(torch.ones(2))])   # what every Trainer builds\n"
         "gather(w, w.rank); finish(w)\n"
         "names = [open(t).read().strip() for t in glob.glob('/proc/self/task/*/comm')]\n"
         f"open(f'{tmp_path}/rank{{w.rank}}.txt', 'w').write(str(sum('gloo' in n for n in names)))\n")

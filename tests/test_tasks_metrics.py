@@ -223,6 +223,19 @@ def test_resampled_metrics_equal_the_full_ones():
             m, f = classification_metrics(y, pred, p, C), resample_metrics(y, pred, p)
             for k, v in zip(RESAMPLED, f):
                 assert (np.isnan(v) and np.isnan(m[k])) or v == pytest.approx(m[k]), k
+    y, pred = rng.integers(0, 4, 25), rng.integers(0, 4, 25)   # the CIs are those of the full metrics
+    p = rng.random((25, 4)).round(1)
+    full = {k: [] for k in RESAMPLED}
+    boot = np.random.default_rng(3)
+    for _ in range(60):
+        i = boot.integers(0, 25, 25)
+        m = classification_metrics(y[i], pred[i], p[i], 4)
+        for k in RESAMPLED:
+            if np.isfinite(m[k]):
+                full[k].append(m[k])
+    ci = bootstrap_ci(y, pred, p, 4, n=60, seed=3)
+    for k in RESAMPLED:
+        assert ci[k] == pytest.approx([np.quantile(full[k], 0.025), np.quantile(full[k], 0.975)], rel=1e-12), k
     ids = [f"s{i:02d}" for i in range(30)]
     y = rng.integers(0, 3, 30)
     noisy = lambda k: np.eye(3)[y] * k + rng.random((30, 3))   # noqa: E731

@@ -433,3 +433,37 @@ def test_measurement_cohorts_are_plain_clam_files_of_real_rows(tmp_path):
         positives = sum(target_of[tuple(r)] == 2 for r in x)          # class 2 rows are the "positive" ones
         lo, hi = ((0, 0), (1, 2), (3, 6), (7, 14))[s.label]
         assert lo <= positives <= hi
+
+
+@pytest.mark.parametrize("saved_fused", [True, False])
+def test_optimizer_state_resumes_across_implementations(saved_fused):
+    """A checkpoint's optimizer state (fused or not) resumes into this process's optimizer with its
+    moments and step count, and this process's implementation: a run from before the fused kernel
+    gets it, and a device without one never asks for it."""
+    import copy
+
+    import torch
+
+    from wsi_ncmi.train.trainer import fused_if_possible, load_optimizer_state
+
+    def make(fused):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5, 3))
+        return p, (fused_if_possible(torch.optim.AdamW, [p], lr=0.1) if fused else torch.optim.AdamW([p], lr=0.1))
+
+    p0, opt0 = make(saved_fused)
+    for _ in range(3):
+        opt0.zero_grad()
+        (p0 ** 2).sum().backward()
+        opt0.step()
+    p1, opt1 = make(not saved_fused)
+    with torch.no_grad():
+        p1.copy_(p0)
+    load_optimizer_state(opt1, copy.deepcopy(opt0.state_dict()))   # as from a file: no shared tensors
+    assert opt1.param_groups[0].get("fused") == opt1.defaults.get("fused")
+    assert torch.equal(opt1.state[p1]["exp_avg"], opt0.state[p0]["exp_avg"])
+    for p, opt in ((p0, opt0), (p1, opt1)):
+        opt.zero_grad()
+        (p ** 2).sum().backward()
+        opt.step()
+    assert float(opt1.state[p1]["step"]) == 4 and torch.allclose(p1, p0, atol=1e-6)

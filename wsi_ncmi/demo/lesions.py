@@ -39,7 +39,7 @@ def patches_touching(coords: np.ndarray, extent: tuple[float, float], lesions: l
 @dataclass
 class LesionAP:
     ap: float            # mean over members (seeds) of the mean slide AP
-    std: float           # across members
+    std: float           # across members (ddof=1, as every other "mean ± std over seeds")
     chance: float        # mean fraction of touching patches (the AP of a random ranking)
     slides: int
     per_slide: dict      # slide_id -> list of APs, one per member
@@ -94,5 +94,7 @@ def attention_ap(run: str | Path, bags: Iterable[tuple[str, np.ndarray, np.ndarr
         chance.append(float(truth.mean()))
     if not per_slide:
         return LesionAP(float("nan"), float("nan"), float("nan"), 0, {})
+    from wsi_ncmi.train.metrics import mean_std
+
     per_member = np.array(list(per_slide.values())).mean(0)
-    return LesionAP(float(per_member.mean()), float(per_member.std()), float(np.mean(chance)), len(per_slide), per_slide)
+    return LesionAP(*mean_std(per_member), float(np.mean(chance)), len(per_slide), per_slide)

@@ -97,6 +97,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
 
     t_all = time.perf_counter()
     out = Path(out)
+    patch_dropout = float(patch_dropout) + 0.0    # -0.0 -> 0.0: one name for one setting
     TrainConfig(patch_dropout=patch_dropout).validate()          # a bad value fails before the slides are built
     tag = f"_patch_dropout_{patch_dropout:g}" if patch_dropout else ""
     runs = {loss: out / "runs" / f"{loss}{tag}" for loss in losses}
@@ -112,6 +113,10 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     if ex.failed:
         raise SystemExit(1)
     results, aps, val = {}, {}, {}
+    if patch_dropout == DEMO_PATCH_DROPOUT and any((out / "runs" / loss).is_dir() for loss in losses) \
+            and not (out / "report_patch_dropout_0.md").exists():
+        print(f"      note: {out / 'runs'}/<loss> hold the library-default runs of an older demo (report.md "
+              f"described them); `wsi-ncmi demo --out {out} --patch-dropout 0` reports them again", flush=True)
     for loss in losses:
         st.start(f"train {loss}", f"training gated ABMIL with {loss}, {seeds} seed(s), centres 0-2 -> 3-4")
         cfg = TrainConfig(task="camelyon17", labels=str(out / "stage_labels.csv"), features=str(out / "features"),

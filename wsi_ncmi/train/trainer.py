@@ -97,13 +97,26 @@ def fused_if_possible(optimizer, params, **kwargs) -> torch.optim.Optimizer:
     Why: a MIL step on a CPU is small; the default per-tensor Adam took 4.3 ms of a 14 ms gated-ABMIL
     step on a 160-patch bag here, the fused one 1.1 ms, so an epoch runs about a fifth faster. Same
     update rule, different float rounding. A checkpoint from before keeps its own setting on
-    ``--resume`` (the optimizer state carries it).
+    ``--resume`` keeps the update rule and its moments, with this process's implementation
+    (``load_optimizer_state``).
     """
     params = list(params)
     try:
         return optimizer(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):   # no fused kernel for this device or torch
         return optimizer(params, **kwargs)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """``opt.load_state_dict(state)``, keeping ``opt``'s own implementation (fused or not).
+
+    Why: the saved param groups carry the flags of the optimizer that wrote them, and would win. A
+    run resumed on another device (``--device`` may change on resume) would then ask for a fused
+    kernel that device lacks, and a run from before ``fused_if_possible`` would stay on the slow path.
+    """
+    groups = [dict(g, **{k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults})
+              for g in state["param_groups"]]
+    opt.load_state_dict(dict(state, param_groups=groups))
 
 
 def average_gradients(opt: torch.optim.Optimizer) -> None:
@@ -166,11 +179,11 @@ class Trainer:
         if not last.exists():
             return False
         st = load_checkpoint(last, self.device, self.model, self.objective)
-        self.opt.load_state_dict(st["opt"])
+        load_optimizer_state(self.opt, st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.sched.T_max = self.cfg.epochs   # --resume with more --epochs: the schedule stretches to them
         if self.copt and st["copt"]:
-            self.copt.load_state_dict(st["copt"])
+            load_optimizer_state(self.copt, st["copt"])
         self.history, self.best, self.start_epoch = st["history"], st["best"], st["epoch"] + 1
         _set_rng_state(st["rng"])
         return True
