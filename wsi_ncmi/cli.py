@@ -171,9 +171,9 @@ _TRAIN_FLAGS = [
     ("patch_dropout", float, "drop a random share of each training bag's patches, afresh every epoch, so the "
                              "attention has to find all of a lesion and not its one most telling patch; evaluation "
                              "always sees whole bags (PatchDropout, Liu et al. 2023; default 0 = off). Measured "
-                             "at 0.5 on five cohorts: CE +0.05 to +0.12 macro-F1 on four and -0.11 on one, NCMI "
-                             "-0.04 to +0.02; demo lesion AP 0.62 -> 0.78 (CE), 0.68 -> 0.73 (NCMI) (README: "
-                             "Patch dropout)"),
+                             "at 0.5 on five cohorts: CE +0.03 to +0.13 macro-F1 on all five, NCMI -0.03 to +0.02; "
+                             "demo lesion AP 0.63 -> 0.76 (CE), 0.77 -> 0.72 (NCMI) (README: Patch dropout). "
+                             "`wsi-ncmi demo` trains with 0.5"),
     ("patience", int, "early-stopping patience in epochs (default 10)"),
     ("min_epochs", int, "early stopping never fires before this many epochs (default 10)"),
     ("select_metric", str, "validation criterion for model selection and early stopping: loss (validation NLL, "
@@ -183,9 +183,9 @@ _TRAIN_FLAGS = [
     ("feature_norm", str, "none (default) or zscore: standardise every feature dimension with the mean and std "
                           "of the training split's instances (one pass over the training bags; the statistics are "
                           "saved in each checkpoint, so evaluate/heatmap/predict apply them). Measured at the "
-                          "default recipe on five cohorts: CE +0.13 to +0.35 macro-F1 on three of them; NCMI "
-                          "+0.50 on one, -0.09 on the demo, level on three (README: Feature standardisation); "
-                          "run a CE baseline both ways"),
+                          "default recipe on five cohorts: CE +0.13 to +0.25 macro-F1 on three of them, +0.04 "
+                          "to +0.07 on two; NCMI +0.47 on one, -0.17 on the demo, level on three (README: "
+                          "Feature standardisation); run a CE baseline both ways"),
     ("device", str, "auto, cpu, cuda, cuda:1 (default auto)"),
     ("precision", str, "auto (bf16 on GPU), fp32, bf16, fp16"),
     ("val_fraction", float, "validation fraction where the task draws one: whole patients, stratified (default 0.1)"),
