@@ -100,9 +100,10 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     out = Path(out)
     patch_dropout = float(patch_dropout) + 0.0    # -0.0 -> 0.0: one name for one setting
     TrainConfig(patch_dropout=patch_dropout).validate()          # a bad value fails before the slides are built
-    tag = f"_patch_dropout_{patch_dropout:g}" if patch_dropout else ""
+    setting = f"_patch_dropout_{patch_dropout:g}"
+    tag = setting if patch_dropout else ""                           # run folders: named whenever on
     runs = {loss: out / "runs" / f"{loss}{tag}" for loss in losses}
-    suffix = "" if patch_dropout == DEMO_PATCH_DROPOUT else f"_patch_dropout_{patch_dropout:g}"
+    suffix = "" if patch_dropout == DEMO_PATCH_DROPOUT else setting  # report: named when not the demo's
     st = _Stages(3 + len(losses))
     st.start("slides", f"building the demo cohort in {out / 'slides'} (real H&E, implanted lesions, 5 centres)")
     build_cohort(out, patients_per_centre, nodes, width_um=width_um, height_um=height_um)
