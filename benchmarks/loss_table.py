@@ -62,7 +62,7 @@ TUNING = {   # loss -> its TRIALS configurations
     "mi": _cross("mi", "mi_weight", (0.5, 1.0)),
     "cmi_ce": [dict(loss="cmi_ce", lr=lr, cmi_lambda=la, cmi_beta=be) for lr in LR2 for la, be in ((0.5, 0.1), (0.2, 0.05))],
     "ce+ncmi": _cross("ce+ncmi", "ncmi_weight", (0.5, 1.0)),
-    "ncmi": _cross("ncmi", "ncmi_temperature", (0.1, 0.3)),
+    "ncmi": _cross("ncmi", "ncmi_temperature", (0.03, 0.1)),
 }
 assert all(len(v) == TRIALS for v in TUNING.values())
 
@@ -100,8 +100,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="verdict seeds, after the tuning seed (default 5)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--only", nargs="*", help="subset of losses (default: all)")
-    ap.add_argument("--feature-norm", default="none", choices=("none", "zscore"),
-                    help="as `train --feature-norm`, for every loss alike (default none)")
+    ap.add_argument("--feature-norm", default=TrainConfig.feature_norm, choices=("none", "zscore"),
+                    help=f"as `train --feature-norm`, for every loss alike (default {TrainConfig.feature_norm})")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()

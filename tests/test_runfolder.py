@@ -189,6 +189,41 @@ def test_an_ncmi_run_from_before_ncmi_predict_keeps_its_nearest_mean_rule(cohort
     assert rc == 0 and "seed 0: already finished, kept" in out, err
 
 
+def test_a_run_from_before_the_zscore_and_temperature_defaults_keeps_its_settings(cohort, trained, tmp_path):
+    """Older versions saved ``ncmi_temperature: null`` (then T = 0.3) and, before --feature-norm, no
+    feature_norm (features as extracted). Both are read as what they meant, not as today's defaults
+    (0.03, zscore): evaluate scores with T = 0.3 and --resume names both changes. For a loss that never
+    read the temperature, a null is no difference."""
+    import yaml
+
+    from wsi_ncmi.train.inference import load_member_model
+    from wsi_ncmi.train.runfolder import differences, load_run_config
+
+    run = _copy(trained, tmp_path / "run")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["ncmi_temperature"] == 0.03 and saved["train"]["feature_norm"] == "zscore"
+    saved["train"]["ncmi_temperature"] = None
+    del saved["train"]["feature_norm"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    record = json.loads((run / "run.json").read_text())
+    record["identity"]["ncmi_temperature"] = None
+    del record["identity"]["feature_norm"]
+    (run / "run.json").write_text(json.dumps(record))
+    cfg = load_run_config(run)
+    assert (cfg.ncmi_temperature, cfg.feature_norm) == (0.3, "none")
+    in_dim = h5py.File(cohort / "features" / "bag_0001.h5", "r")["features"].shape[1]
+    assert load_member_model(run, run / "seed_0", in_dim).objective.ncmi.temperature == 0.3
+    rc, _, err = cli(*_train_args(cohort, run, "--resume"))          # today's defaults: both differ
+    assert rc == 2 and "feature_norm (none -> zscore)" in err and "ncmi_temperature (0.3 -> 0.03)" in err, err
+    rc, _, err = cli("train", "--config", run / "config.yaml", "--out", run, "--resume")   # its config: T read as 0.3
+    assert rc == 2 and "feature_norm (none -> zscore)" in err and "ncmi_temperature" not in err, err
+    assert "--resume --feature-norm none`" in err
+    ce = {"loss": "ce", "ncmi_temperature": None}
+    assert differences(ce, {**ce, "ncmi_temperature": 0.03}) == []
+    assert differences({**ce, "loss": "ncmi"}, {**ce, "loss": "ncmi", "ncmi_temperature": 0.03}) == \
+        ["ncmi_temperature (0.3 -> 0.03)"]
+
+
 def test_out_must_be_a_writable_folder_that_is_a_run_or_empty(cohort, tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "data").mkdir()

@@ -125,6 +125,10 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
                           out=str(runs[loss]), model="abmil", loss=loss, seeds=seeds, epochs=epochs,
                           resume=True, progress=False, bootstrap=200, patch_dropout=patch_dropout,
                           val_fraction=0.2)   # whole patients; several validation slides per class
+        if (runs[loss] / "config.yaml").is_file() and (stale := saved_differences(runs[loss], cfg)):
+            print(f"      note: {runs[loss]} was trained by an older wsi-ncmi with other settings "
+                  f"({', '.join(stale)}); training it again", flush=True)
+            cfg.overwrite = True
         with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
             results[loss] = run_training(cfg)
         aps[loss] = lesion_ap(runs[loss], out / "features", plan, TEST_CENTRES, list(range(seeds)))

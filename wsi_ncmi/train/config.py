@@ -27,6 +27,7 @@ def parse_lr(value) -> float | str:
 
 NCMI_PREDICT_RULES = ("auto", "nearest", "bayes")   # --ncmi-predict
 NCMI_PREDICT_BEFORE = "nearest"   # the rule of every NCMI model trained before --ncmi-predict existed
+NCMI_TEMPERATURE_BEFORE = 0.3     # what a saved ``ncmi_temperature: null`` meant before the default became 0.03
 
 
 def recorded_default(key: str, recorded: dict):
@@ -35,6 +36,10 @@ def recorded_default(key: str, recorded: dict):
     new default, but an NCMI run from before ``--ncmi-predict`` predicted by the nearest class mean."""
     if key == "ncmi_predict" and recorded.get("loss") == "ncmi":
         return NCMI_PREDICT_BEFORE
+    if key == "ncmi_temperature":
+        return NCMI_TEMPERATURE_BEFORE
+    if key == "feature_norm":       # runs from before --feature-norm used the features as extracted
+        return "none"
     f = TrainConfig.__dataclass_fields__.get(key)
     return f.default if f is not None else None
 
@@ -62,7 +67,7 @@ class TrainConfig:
     select_metric: str = "loss"       # loss (validation NLL), auc, macro_f1, balanced_accuracy, accuracy
     clip: float = 1.0
     dropout: float = 0.25
-    feature_norm: str = "none"        # none, or zscore: standardise instance features with training-split stats
+    feature_norm: str = "zscore"      # zscore: standardise instance features with training-split stats; none
     device: str = "auto"
     precision: str = "auto"           # auto = bf16 on GPU, fp32 on CPU
     deterministic: bool = False
@@ -77,7 +82,7 @@ class TrainConfig:
     ncmi_space: str = "embedding"     # embedding (the method's) or logit
     ncmi_centroids: str = "alternating"
     ncmi_means: str = "running"       # NCMI class means per epoch: running (the train pass) or exact (eval pass)
-    ncmi_temperature: float | None = None
+    ncmi_temperature: float = 0.03    # NSF temperature (losses/ncmi.py); null in an older run's config = 0.3
     ncmi_predict: str = "auto"        # NCMI prediction: nearest (class mean), bayes (score), auto (on validation)
     ncmi_weight: float = 1.0          # for ce+ncmi
     mi_weight: float = 1.0            # mi: weight of the label-entropy term
@@ -124,6 +129,10 @@ class TrainConfig:
         if not 0.0 <= self.patch_dropout < 1.0:
             raise WsiNcmiError(f"--patch-dropout {self.patch_dropout}: the share of patches dropped must be in "
                                "[0, 1), e.g. 0.5")
+        if self.ncmi_temperature is None:    # written by a wsi-ncmi whose default was 0.3: read as it meant
+            self.ncmi_temperature = NCMI_TEMPERATURE_BEFORE
+        if not self.ncmi_temperature > 0:
+            raise WsiNcmiError(f"--ncmi-temperature {self.ncmi_temperature}: must be > 0, e.g. 0.03")
         if self.feature_norm not in ("none", "zscore"):
             raise WsiNcmiError(f"--feature-norm {self.feature_norm}: choose none or zscore")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

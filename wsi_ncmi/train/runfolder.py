@@ -159,6 +159,8 @@ def differences(old: dict, new: dict) -> list[str]:
         if k in NOT_IDENTITY or k in PATH_KEYS or (k in DERIVED and k not in old):   # paths: through digests
             continue
         a, b = old.get(k, recorded_default(k, old)), new.get(k)
+        if a is None and k == "ncmi_temperature":      # null: the default of the version that wrote it,
+            a = recorded_default(k, old) if "ncmi" in str(old.get("loss")) else b   # for a loss that read it
         if a != b:
             out.append(f"{k} ({'changed' if k in DERIVED else f'{a} -> {b}'})")
     return out
