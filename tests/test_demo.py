@@ -206,6 +206,21 @@ def test_reduced_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert json.loads((tmp_path / "runs" / "ncmi_patch_dropout_0.5" / "metrics.json").read_text())["test"] == again["test"]
     report = (tmp_path / "report.md").read_text()
     assert "runs/ce_patch_dropout_0.5/seed_0" in report and "--patch-dropout 0.5, mean" in report
+    # runs trained by an older wsi-ncmi with other defaults (features as extracted) are trained again
+    # with a note, not refused as a --resume with changed settings
+    ce = tmp_path / "runs" / "ce"
+    for name in ("config.yaml", "run.json"):
+        text = (ce / name).read_text()
+        old = text.replace("feature_norm: zscore", "feature_norm: none").replace('"feature_norm": "zscore"',
+                                                                                '"feature_norm": "none"')
+        assert old != text, name
+        (ce / name).write_text(old)
+    capsys.readouterr()
+    run_demo(tmp_path, **dict(kw, patch_dropout=0.0))
+    third = capsys.readouterr().out
+    assert f"{ce} was trained by an older wsi-ncmi with other settings (feature_norm (none -> zscore))" in third
+    assert "feature_norm: zscore" in (ce / "config.yaml").read_text()
+    assert "ncmi was trained by an older" not in third
 
 
 def test_demo_cli_refuses_bad_counts_before_writing(tmp_path):

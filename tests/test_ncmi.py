@@ -118,7 +118,7 @@ def test_temperature_fit_recovers_the_generating_temperature():
 def test_objective_ce_plus_ncmi_adds_the_terms():
     torch.manual_seed(0)
     logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
-    both = create_objective("ce+ncmi", 3, 8, ncmi_weight=0.5, ncmi_space="logit")
+    both = create_objective("ce+ncmi", 3, 8, ncmi_weight=0.5, ncmi_space="logit", ncmi_temperature=0.3)
     ce = torch.nn.functional.cross_entropy(logits, y)
     u = logits / logits.norm(dim=1, keepdim=True) / 0.3     # logit space: normalised logits / T
     n = ncmi_ratio(nsf(u), both.ncmi.centroids(), y)

@@ -95,6 +95,7 @@ def run_demo(out: str | Path = "wsi-ncmi-demo", patients_per_centre=DEMO_COHORT[
     from wsi_ncmi.train.compare import paired_bootstrap, paired_difference, read_test_predictions
     from wsi_ncmi.train.config import TrainConfig
     from wsi_ncmi.train.run import run_training
+    from wsi_ncmi.train.runfolder import saved_differences
 
     t_all = time.perf_counter()
     out = Path(out)
