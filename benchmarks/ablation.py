@@ -1,8 +1,8 @@
 """What does one training setting do, for CE and NCMI alike, on several cohorts? A recipe ablation.
 
-    python benchmarks/ablation.py --workdir /tmp/ablation --demo wsi-ncmi-demo --grid feature_norm=none,zscore
+    python benchmarks/ablation.py --workdir /tmp/ablation --demo wsi-ncmi-demo --grid feature_norm=zscore,none
     python benchmarks/ablation.py --workdir /tmp/ablation --demo wsi-ncmi-demo --grid patch_dropout=0,0.5
-    python benchmarks/ablation.py --workdir /tmp/ablation --grid feature_norm=none,zscore --grid patch_dropout=0,0.5
+    python benchmarks/ablation.py --workdir /tmp/ablation --grid feature_norm=zscore,none --grid patch_dropout=0,0.5
 
 Each ``--grid KEY=V1,V2,...`` names a ``TrainConfig`` field and its values; several grids are
 crossed, and the first value of each is the baseline the differences are taken from. Every cell is

@@ -212,7 +212,10 @@ def test_a_run_from_before_the_zscore_and_temperature_defaults_keeps_its_setting
     cfg = load_run_config(run)
     assert (cfg.ncmi_temperature, cfg.feature_norm) == (0.3, "none")
     in_dim = h5py.File(cohort / "features" / "bag_0001.h5", "r")["features"].shape[1]
-    assert load_member_model(run, run / "seed_0", in_dim).objective.ncmi.temperature == 0.3
+    member = load_member_model(run, run / "seed_0", in_dim)
+    assert member.objective.ncmi.temperature == 0.3 and member.cfg.feature_norm == "none"
+    rc, _, err = cli("evaluate", run)
+    assert rc == 0, err
     rc, _, err = cli(*_train_args(cohort, run, "--resume"))          # today's defaults: both differ
     assert rc == 2 and "feature_norm (none -> zscore)" in err and "ncmi_temperature (0.3 -> 0.03)" in err, err
     rc, _, err = cli("train", "--config", run / "config.yaml", "--out", run, "--resume")   # its config: T read as 0.3
@@ -220,6 +223,11 @@ def test_a_run_from_before_the_zscore_and_temperature_defaults_keeps_its_setting
     assert "--resume --feature-norm none`" in err
     ce = {"loss": "ce", "ncmi_temperature": None}
     assert differences(ce, {**ce, "ncmi_temperature": 0.03}) == []
+    assert differences({**ce, "ncmi_temperature": 0.3}, {**ce, "ncmi_temperature": 0.03}) == []   # CE never read it
+    assert TrainConfig(loss="ce", ncmi_temperature=None).validate().ncmi_temperature == 0.03
+    assert TrainConfig(loss="ncmi", ncmi_temperature="3e-2").validate().ncmi_temperature == 0.03   # YAML's 3e-2
+    with pytest.raises(WsiNcmiError, match="--ncmi-temperature x: give a number"):
+        TrainConfig(ncmi_temperature="x").validate()
     assert differences({**ce, "loss": "ncmi"}, {**ce, "loss": "ncmi", "ncmi_temperature": 0.03}) == \
         ["ncmi_temperature (0.3 -> 0.03)"]
 

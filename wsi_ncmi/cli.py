@@ -183,8 +183,9 @@ _TRAIN_FLAGS = [
     ("feature_norm", str, "zscore (default) or none: standardise every feature dimension with the mean and std "
                           "of the training split's instances (one pass over the training bags; the statistics are "
                           "saved in each checkpoint, so evaluate/heatmap/predict apply them); none uses the "
-                          "features as extracted. Measured on five cohorts, 5 seeds: zscore raised CE on every "
-                          "one and NCMI (at its default temperature) on the four real ones (README: Feature "
+                          "features as extracted. Measured on five cohorts, 5 seeds: zscore raised CE on four and "
+                          "left it level on digits, and raised NCMI (at its default temperature) on the four real "
+                          "ones; CE plus a penalty (cmi_ce, ce+ncmi) can fail to learn with it (README: Feature "
                           "standardisation)"),
     ("device", str, "auto, cpu, cuda, cuda:1 (default auto)"),
     ("precision", str, "auto (bf16 on GPU), fp32, bf16, fp16"),
@@ -207,7 +208,7 @@ _TRAIN_FLAGS = [
                         "part-bags. The final scores always use the exact pass"),
     ("ncmi_temperature", float, "NSF temperature T (default 0.03, measured in embedding space with zscore "
                                 "features; README: NCMI temperature). Logit space was measured at 0.3, its "
-                                "default before; with --feature-norm none, 0.3 did better too"),
+                                "default before; with --feature-norm none, 0.3 beat 0.1 on five cohorts"),
     ("ncmi_predict", str, "how an NCMI model predicts a class: nearest (the method's nearest training class mean, "
                           "argmin KL), bayes (argmax of the class scores written to the predictions CSV, which "
                           "weigh each class's own spread around its mean), or auto (default): per model, the one "

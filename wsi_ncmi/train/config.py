@@ -3,7 +3,7 @@ override a subset, flags override both); the resolved config is saved in every r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -130,7 +130,12 @@ class TrainConfig:
             raise WsiNcmiError(f"--patch-dropout {self.patch_dropout}: the share of patches dropped must be in "
                                "[0, 1), e.g. 0.5")
         if self.ncmi_temperature is None:    # written by a wsi-ncmi whose default was 0.3: read as it meant
-            self.ncmi_temperature = NCMI_TEMPERATURE_BEFORE
+            self.ncmi_temperature = NCMI_TEMPERATURE_BEFORE if "ncmi" in self.loss else \
+                TrainConfig.ncmi_temperature     # (a loss without NCMI never read it)
+        try:
+            self.ncmi_temperature = float(self.ncmi_temperature)
+        except (TypeError, ValueError):
+            raise WsiNcmiError(f"--ncmi-temperature {self.ncmi_temperature}: give a number such as 0.03") from None
         if not self.ncmi_temperature > 0:
             raise WsiNcmiError(f"--ncmi-temperature {self.ncmi_temperature}: must be > 0, e.g. 0.03")
         if self.feature_norm not in ("none", "zscore"):
@@ -149,3 +154,14 @@ class TrainConfig:
     def from_sources(cls, yaml_path: str | None = None, **overrides) -> "TrainConfig":
         """Defaults < YAML file < explicit overrides (``None`` means "not given")."""
         return merge_settings(cls, "train", yaml_path, overrides)
+
+
+def saved_config(path: str | Path, **overrides) -> TrainConfig:
+    """A run folder's ``config.yaml`` as the wsi-ncmi that wrote it meant it: a setting it lacks (added
+    to TrainConfig later) takes ``recorded_default``, not today's default (an old run's missing
+    ``feature_norm`` is ``none``). ``overrides`` win, as in ``from_sources``."""
+    cfg = TrainConfig.from_sources(str(path), **overrides)
+    saved = (yaml.safe_load(Path(path).read_text()) or {}).get("train") or {}
+    older = {f.name: recorded_default(f.name, saved) for f in fields(TrainConfig)
+             if f.name not in saved and overrides.get(f.name) is None}
+    return replace(cfg, **older)

@@ -20,7 +20,7 @@ from wsi_ncmi.losses import Objective, create_objective
 from wsi_ncmi.losses.pc_softmax import class_priors
 from wsi_ncmi.mil.models.base import MILModel, MILOutput
 from wsi_ncmi.train.checkpoint import load_checkpoint, load_state
-from wsi_ncmi.train.config import TrainConfig
+from wsi_ncmi.train.config import TrainConfig, saved_config
 from wsi_ncmi.train.scoring import PRIOR_FREE_LOSSES, Scorer
 
 
@@ -75,7 +75,7 @@ def load_member_model(run: str | Path, member: str | Path, in_dim: int) -> RunMo
     run, member = Path(run), Path(member)
     if not (settings_folder(run) / "config.yaml").is_file():
         raise WsiNcmiError(f"{run}: not a training run folder (no config.yaml); pass the --out of `wsi-ncmi train`")
-    cfg = TrainConfig.from_sources(str(settings_folder(run) / "config.yaml"))
+    cfg = saved_config(settings_folder(run) / "config.yaml")
     ckpt = member / "best.pt"
     if cfg.folds and member.parent == run and not run.name.startswith("fold_"):
         raise WsiNcmiError(f"{run}: a {cfg.folds}-fold cross-validation run, one model per fold; pass a fold folder "

@@ -27,7 +27,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from wsi_ncmi.errors import WsiNcmiError
@@ -61,7 +61,7 @@ def load_run_config(run: str | Path, require: tuple[str, ...] = PATH_KEYS, **giv
     is not the one recorded in ``run.json`` is refused unless given explicitly."""
     import yaml
 
-    from wsi_ncmi.train.config import TrainConfig, recorded_default
+    from wsi_ncmi.train.config import saved_config
 
     run = Path(run)
     cfg_file = run / "config.yaml"
@@ -70,13 +70,11 @@ def load_run_config(run: str | Path, require: tuple[str, ...] = PATH_KEYS, **giv
             raise WsiNcmiError(f"{run}: a seed folder; pass its run folder {run.parent}")
         raise WsiNcmiError(f"{run}: not a training run folder (no config.yaml); pass the --out of `wsi-ncmi train`")
     try:
-        cfg = TrainConfig.from_sources(str(cfg_file), resume=False)
-        saved = (yaml.safe_load(cfg_file.read_text()) or {}).get("train") or {}
+        cfg = saved_config(cfg_file, resume=False)      # settings newer than the run: what its version did
     except (yaml.YAMLError, TypeError, ValueError, AttributeError) as exc:
         raise WsiNcmiError(f"{cfg_file}: unreadable ({str(exc).splitlines()[0]}); restore it, or train the run "
                            "again") from None
-    values = {f.name: recorded_default(f.name, saved) for f in fields(TrainConfig)   # settings newer than the
-              if f.name not in saved and f.name not in PATH_KEYS}                   # run: what its version did
+    values = {}
     for key in PATH_KEYS:
         flag = given.get(key)
         if flag:
@@ -158,9 +156,11 @@ def differences(old: dict, new: dict) -> list[str]:
     for k in sorted(set(old) | set(new)):
         if k in NOT_IDENTITY or k in PATH_KEYS or (k in DERIVED and k not in old):   # paths: through digests
             continue
+        if k == "ncmi_temperature" and not any("ncmi" in str(d.get("loss")) for d in (old, new)):
+            continue                                   # a loss without NCMI never reads it
         a, b = old.get(k, recorded_default(k, old)), new.get(k)
-        if a is None and k == "ncmi_temperature":      # null: the default of the version that wrote it,
-            a = recorded_default(k, old) if "ncmi" in str(old.get("loss")) else b   # for a loss that read it
+        if a is None and k == "ncmi_temperature":      # null: the default of the version that wrote it
+            a = recorded_default(k, old)
         if a != b:
             out.append(f"{k} ({'changed' if k in DERIVED else f'{a} -> {b}'})")
     return out
