@@ -25,10 +25,10 @@ Why this design (issue #14, measured on this project's 2-core CPU machine):
   twelve patches wide), where real CAMELYON-17 ITCs often span one patch, which is why the library
   leaves it off. The five-cohort ablation (README, Patch dropout) first showed it on the demo's
   test split; checked on the validation split (25 slides, 3 seeds; README, the tour). At the
-  current defaults (standardised features, NCMI T = 0.03) it raised CE's validation lesion AP (0.773
-  -> 0.827; CE separates validation either way) and NCMI's validation macro-F1 (0.775 -> 0.889) and
-  lowered NCMI's validation NLL (the epoch-selection criterion; 0.524 -> 0.325), while NCMI's
-  lesion AP fell (0.675 -> 0.575); ``report.md`` prints these validation figures for every run
+  current defaults (standardised features, NCMI T = 0.03) it raised CE's validation lesion AP (0.770
+  -> 0.835; CE separates validation either way) and NCMI's validation macro-F1 (0.777 -> 0.860) and
+  lowered NCMI's validation NLL (the epoch-selection criterion; 0.508 -> 0.371), while NCMI's
+  lesion AP fell (0.645 -> 0.618); ``report.md`` prints these validation figures for every run
   (``_validation``). Both losses get the
   same recipe, so the paired comparison compares losses, not recipes. ``--patch-dropout 0`` runs
   the library defaults beside it.

@@ -33,9 +33,10 @@ radius 1/T. With a 512-wide embedding, T = 0.3 leaves each coordinate of u near 
 sigmoid is almost linear: every P stays within a factor of two of uniform and the KL terms near 1e-3
 (as measured on validation). At T = 0.03 a typical coordinate is about 1.5, the sigmoid's responsive
 range. Measured with standardised inputs (``--feature-norm zscore``, the default) on five cohorts,
-5 seeds each (README, NCMI temperature): test macro-F1 on the four real cohorts rose from T = 0.3 to
-0.02-0.03; at 0.01 the demo fell while digits and breast_cancer still rose, so 0.03 is the default. On the generated bags (2 ITC test
-slides) 0.1 did better. Without standardised inputs a low T does not help (README, recipe).
+5 seeds each (README, NCMI temperature): test macro-F1 on the four real cohorts rose from T = 0.3
+to 0.02-0.03; at 0.01 the demo fell while digits and breast_cancer still rose, so 0.03 is the
+default. On the generated bags (2 ITC test slides) 0.1 did better. Without standardised inputs a
+low T does not help (README, recipe).
 
 The method predicts by the nearest class-mean centroid, argmin_k KL(P(x) || Qbar_k), Qbar_k the mean
 of P over the training samples of class k recomputed each epoch in eval mode (``class_mean``). Class
