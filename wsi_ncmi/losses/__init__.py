@@ -37,7 +37,7 @@ class Objective(nn.Module):
 
     def __init__(self, name: str, num_classes: int, embed_dim: int, train_labels=None, focal_gamma: float = 2.0,
                  label_smoothing: float = 0.1, ncmi_space: str = "embedding", ncmi_centroids: str = "alternating",
-                 ncmi_temperature: float | None = 0.03, ncmi_weight: float = 1.0, mi_weight: float = 1.0,
+                 ncmi_temperature: float | None = None, ncmi_weight: float = 1.0, mi_weight: float = 1.0,
                  mi_window: int = 64, cmi_lambda: float = 0.5, cmi_beta: float = 0.1):
         super().__init__()
         if name not in LOSSES:

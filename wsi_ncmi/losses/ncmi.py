@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EPS = 1e-8
+TEMPERATURE = 0.03   # the default T (module docstring); TrainConfig.ncmi_temperature says the same
 
 
 def nsf(u: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class NCMILoss(nn.Module):
     alternating_default = True
 
     def __init__(self, num_classes: int, embed_dim: int | None = None, space: str = "embedding",
-                 temperature: float | None = 0.03, centroids: str = "alternating", ema_decay: float = 0.99,
+                 temperature: float | None = TEMPERATURE, centroids: str = "alternating", ema_decay: float = 0.99,
                  init_scale: float = 10.0, eps: float = EPS):
         super().__init__()
         if space not in ("logit", "embedding"):
@@ -126,7 +127,7 @@ class NCMILoss(nn.Module):
         if space == "embedding" and (embed_dim is None or embed_dim < num_classes):
             raise ValueError("embedding-space NCMI needs embed_dim >= num_classes")
         self.num_classes, self.space, self.centroid_mode, self.eps = num_classes, space, centroids, eps
-        self.temperature = temperature if temperature is not None else 0.03
+        self.temperature = temperature if temperature is not None else TEMPERATURE
         m = num_classes if space == "logit" else int(embed_dim)
         w = torch.zeros(num_classes, m)
         w[torch.arange(num_classes), torch.arange(num_classes)] = init_scale

@@ -36,7 +36,7 @@ def recorded_default(key: str, recorded: dict):
     new default, but an NCMI run from before ``--ncmi-predict`` predicted by the nearest class mean."""
     if key == "ncmi_predict" and recorded.get("loss") == "ncmi":
         return NCMI_PREDICT_BEFORE
-    if key == "ncmi_temperature":
+    if key == "ncmi_temperature" and "ncmi" in str(recorded.get("loss")):   # a loss without NCMI never read it
         return NCMI_TEMPERATURE_BEFORE
     if key == "feature_norm":       # runs from before --feature-norm used the features as extracted
         return "none"
@@ -130,8 +130,7 @@ class TrainConfig:
             raise WsiNcmiError(f"--patch-dropout {self.patch_dropout}: the share of patches dropped must be in "
                                "[0, 1), e.g. 0.5")
         if self.ncmi_temperature is None:    # written by a wsi-ncmi whose default was 0.3: read as it meant
-            self.ncmi_temperature = NCMI_TEMPERATURE_BEFORE if "ncmi" in self.loss else \
-                TrainConfig.ncmi_temperature     # (a loss without NCMI never read it)
+            self.ncmi_temperature = recorded_default("ncmi_temperature", {"loss": self.loss})
         try:
             self.ncmi_temperature = float(self.ncmi_temperature)
         except (TypeError, ValueError):
