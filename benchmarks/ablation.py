@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ncmi.errors import WsiNcmiError
+from wsi_ncmi.losses import LOSSES as ALL_LOSSES
 from wsi_ncmi.mil.synthetic import CAMELYON17_LIKE_BAGS, make_cohort, make_measurement_cohort
 from wsi_ncmi.train.compare import paired_bootstrap, paired_difference, read_test_predictions
 from wsi_ncmi.train.config import TrainConfig
@@ -88,14 +89,19 @@ def _grid(text: str) -> tuple[str, list]:
 
 
 def _run_name(loss: str, setting: dict) -> str:
-    changed = sorted((k, v) for k, v in setting.items() if v != TrainConfig.__dataclass_fields__[k].default)
+    """``<loss>_<key>=<value>...`` over the settings that change the resolved config: a value equal to
+    its default, or a temperature equal to what ``auto`` gives there, names the default run."""
+    resolved = lambda s: TrainConfig(loss=loss, **s).validate().to_dict()
+    changed = sorted((k, v) for k, v in setting.items()
+                     if resolved({j: w for j, w in setting.items() if j != k}) != resolved(setting))
     return "_".join([loss] + [f"{k}={v}" for k, v in changed]) if changed else f"{loss}_default"
 
 
 def _applies(loss: str, setting: dict) -> dict:
     """The part of ``setting`` that ``loss`` reads: CE ignores NCMI's own settings, so a grid over
     one of them trains (and reuses) a single CE run, its baseline for every value."""
-    return {k: v for k, v in setting.items() if loss == "ncmi" or k not in NCMI_ONLY}
+    own = NCMI_ONLY if "ncmi" in loss else {"centroid_lr"} if loss == "cmi_ce" else set()
+    return {k: v for k, v in setting.items() if k in own or k not in NCMI_ONLY}
 
 
 def _train(cohort: dict, loss: str, setting: dict, seeds: int, work: Path) -> Path:
@@ -162,8 +168,8 @@ def main() -> None:
                     help="a training setting and its values (repeat to cross several); the first value is the baseline")
     ap.add_argument("--demo", help="a `wsi-ncmi demo` folder: also its features (and lesion AP)")
     ap.add_argument("--only", nargs="*", help="a subset of cohorts: demo generated digits breast_cancer wine")
-    ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
-                    help="ce, ncmi or both (default both; the NCMI - CE table needs both)")
+    ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=ALL_LOSSES,
+                    help="the losses to train (default ce ncmi; the NCMI - CE table needs both)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bootstrap", type=int, default=1000)
     args = ap.parse_args()
@@ -189,7 +195,7 @@ def main() -> None:
                 aps[(c["name"], loss, i)] = _attention_ap(c, run)
                 print(f"{c['name']:14s} {loss:5s} {name(setting):40s} macro-F1 {te['macro_f1']['mean']:.3f}  "
                       f"AUC {te['auc']['mean']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-            if len(args.losses) == 2:
+            if set(LOSSES) <= set(args.losses):
                 pair = {loss: members[(c["name"], loss, i)] for loss in LOSSES}
                 diffs.append((c["name"], i, paired_difference(paired_bootstrap(pair, args.bootstrap), "ncmi", "ce")))
     fmt = lambda m: f"{m[0]['mean']:.3f} ± {m[0]['std']:.3f} / {m[1]['mean']:.3f} ± {m[1]['std']:.3f}"

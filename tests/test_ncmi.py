@@ -115,6 +115,20 @@ def test_temperature_fit_recovers_the_generating_temperature():
     assert fit_temperature(-d, y) == pytest.approx(0.5, rel=0.1)
 
 
+def test_auto_temperature_is_0_03_only_where_it_was_measured_best():
+    """Embedding space over standardised inputs: 0.03. Logit space (C coordinates on a sphere of radius
+    1/T saturate every sigmoid at 0.03) and inputs as extracted: the authors' 0.3. A number is kept, and
+    the run's config holds the resolved number, not ``auto``."""
+    from wsi_ncmi.train.config import TrainConfig
+
+    t = lambda **kw: TrainConfig(loss="ncmi", **kw).validate().ncmi_temperature
+    assert t() == t(ncmi_temperature="auto") == t(ncmi_temperature=" Auto") == 0.03
+    assert t(ncmi_space="logit") == t(feature_norm="none") == t(ncmi_space="logit", feature_norm="none") == 0.3
+    assert t(ncmi_space="logit", ncmi_temperature=0.1) == 0.1 and t(feature_norm="none", ncmi_temperature="0.03") == 0.03
+    assert TrainConfig(ncmi_space="logit").validate().to_dict()["ncmi_temperature"] == 0.3
+    assert NCMILoss(4, 8).temperature == 0.03 and NCMILoss(4, 8, space="logit").temperature == 0.3
+
+
 def test_objective_ce_plus_ncmi_adds_the_terms():
     torch.manual_seed(0)
     logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])

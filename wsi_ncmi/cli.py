@@ -206,9 +206,10 @@ _TRAIN_FLAGS = [
                         "already computed; default) or exact (one more eval pass over the training set, ~1.25x "
                         "the epoch time). With --patch-dropout, exact is used: the training pass sees "
                         "part-bags. The final scores always use the exact pass"),
-    ("ncmi_temperature", float, "NSF temperature T (default 0.03, measured in embedding space with zscore "
-                                "features; README: NCMI temperature). Logit space was measured at 0.3, its "
-                                "default before; with --feature-norm none, 0.3 beat 0.1 on five cohorts"),
+    ("ncmi_temperature", str, "NSF temperature T, or auto (default): 0.03 in embedding space with "
+                              "--feature-norm zscore, where it was measured best, and 0.3 otherwise (logit space "
+                              "saturates at 0.03; with --feature-norm none, 0.3 beat 0.1 and 0.03 on five "
+                              "cohorts). README: NCMI temperature"),
     ("ncmi_predict", str, "how an NCMI model predicts a class: nearest (the method's nearest training class mean, "
                           "argmin KL), bayes (argmax of the class scores written to the predictions CSV, which "
                           "weigh each class's own spread around its mean), or auto (default): per model, the one "

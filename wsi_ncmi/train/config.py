@@ -82,7 +82,8 @@ class TrainConfig:
     ncmi_space: str = "embedding"     # embedding (the method's) or logit
     ncmi_centroids: str = "alternating"
     ncmi_means: str = "running"       # NCMI class means per epoch: running (the train pass) or exact (eval pass)
-    ncmi_temperature: float = 0.03    # NSF temperature (losses/ncmi.py); null in an older run's config = 0.3
+    ncmi_temperature: float | str = "auto"   # NSF temperature, or auto: losses.ncmi.default_temperature for the
+                                              # space and feature_norm; null in an older run's config = 0.3
     ncmi_predict: str = "auto"        # NCMI prediction: nearest (class mean), bayes (score), auto (on validation)
     ncmi_weight: float = 1.0          # for ce+ncmi
     mi_weight: float = 1.0            # mi: weight of the label-entropy term
@@ -131,10 +132,15 @@ class TrainConfig:
                                "[0, 1), e.g. 0.5")
         if self.ncmi_temperature is None:    # written by a wsi-ncmi whose default was 0.3: read as it meant
             self.ncmi_temperature = recorded_default("ncmi_temperature", {"loss": self.loss})
+        if str(self.ncmi_temperature).strip().lower() == "auto":   # resolved here, so config.yaml holds the number
+            from wsi_ncmi.losses.ncmi import default_temperature
+
+            self.ncmi_temperature = default_temperature(self.ncmi_space, self.feature_norm == "zscore")
         try:
             self.ncmi_temperature = float(self.ncmi_temperature)
         except (TypeError, ValueError):
-            raise WsiNcmiError(f"--ncmi-temperature {self.ncmi_temperature}: give a number such as 0.03") from None
+            raise WsiNcmiError(f"--ncmi-temperature {self.ncmi_temperature}: give a number such as 0.03, or "
+                               "auto") from None
         if not self.ncmi_temperature > 0:
             raise WsiNcmiError(f"--ncmi-temperature {self.ncmi_temperature}: must be > 0, e.g. 0.03")
         if self.feature_norm not in ("none", "zscore"):

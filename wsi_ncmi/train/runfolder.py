@@ -173,7 +173,7 @@ def saved_differences(run: Path, cfg) -> list[str]:
     import yaml
 
     saved = (yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}).get("train") or {}
-    return differences(saved, cfg.to_dict())
+    return differences(saved, replace(cfg).validate().to_dict())   # as training would resolve it ("auto")
 
 
 def refuse_changed_task(run: Path, cfg, task) -> None:
