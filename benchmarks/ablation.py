@@ -71,7 +71,7 @@ def _value(key: str, text: str):
             return int(text)
         except ValueError:
             raise SystemExit(f"--grid {key}={text}: give whole numbers") from None
-    if isinstance(default, str):
+    if isinstance(default, str) and key != "ncmi_temperature":   # a number or auto: one folder per number
         return text
     try:
         return float(text)
@@ -100,7 +100,8 @@ def _run_name(loss: str, setting: dict) -> str:
 def _applies(loss: str, setting: dict) -> dict:
     """The part of ``setting`` that ``loss`` reads: CE ignores NCMI's own settings, so a grid over
     one of them trains (and reuses) a single CE run, its baseline for every value."""
-    own = NCMI_ONLY if "ncmi" in loss else {"centroid_lr"} if loss == "cmi_ce" else set()
+    own = {"ncmi": NCMI_ONLY, "ce+ncmi": NCMI_ONLY - {"ncmi_predict", "ncmi_means"},   # ce+ncmi predicts by CE
+           "cmi_ce": {"centroid_lr"}}.get(loss, set())
     return {k: v for k, v in setting.items() if k in own or k not in NCMI_ONLY}
 
 

@@ -208,8 +208,8 @@ _TRAIN_FLAGS = [
                         "part-bags. The final scores always use the exact pass"),
     ("ncmi_temperature", str, "NSF temperature T, or auto (default): 0.03 in embedding space with "
                               "--feature-norm zscore, where it was measured best, and 0.3 otherwise (logit space "
-                              "saturates at 0.03; with --feature-norm none, 0.3 beat 0.1 and 0.03 on five "
-                              "cohorts). README: NCMI temperature"),
+                              "saturates at 0.03; with --feature-norm none, 0.3 beat 0.1 on five cohorts and "
+                              "0.03 on four). README: NCMI temperature"),
     ("ncmi_predict", str, "how an NCMI model predicts a class: nearest (the method's nearest training class mean, "
                           "argmin KL), bayes (argmax of the class scores written to the predictions CSV, which "
                           "weigh each class's own spread around its mean), or auto (default): per model, the one "
