@@ -37,6 +37,7 @@ import json
 import time
 from pathlib import Path
 
+from wsi_ncmi.losses.ncmi import default_temperature
 from wsi_ncmi.mil.synthetic import CAMELYON17_LIKE_BAGS, make_cohort
 from wsi_ncmi.train.config import TrainConfig
 from wsi_ncmi.train.compare import interval, paired_bootstrap, paired_difference, read_test_predictions
@@ -62,7 +63,7 @@ TUNING = {   # loss -> its TRIALS configurations
     "mi": _cross("mi", "mi_weight", (0.5, 1.0)),
     "cmi_ce": [dict(loss="cmi_ce", lr=lr, cmi_lambda=la, cmi_beta=be) for lr in LR2 for la, be in ((0.5, 0.1), (0.2, 0.05))],
     "ce+ncmi": _cross("ce+ncmi", "ncmi_weight", (0.5, 1.0)),
-    "ncmi": _cross("ncmi", "ncmi_temperature", (0.03, 0.1)),
+    "ncmi": _cross("ncmi", "ncmi_temperature", (0.03, 0.1)),   # 0.3 with --feature-norm none (main)
 }
 assert all(len(v) == TRIALS for v in TUNING.values())
 
@@ -121,12 +122,15 @@ def main() -> None:
         source = args.features
     base = dict(task=args.task, labels=args.labels, features=args.features, model=args.model, epochs=args.epochs,
                 device=args.device, feature_norm=args.feature_norm, **extra)
-    losses = [k for k in TUNING if not args.only or k in args.only]
+    # NCMI's temperature knob starts at what `auto` gives for this feature norm (0.03 zscore, 0.3 none)
+    t_auto = default_temperature("embedding", args.feature_norm == "zscore")
+    tuning = {**TUNING, "ncmi": _cross("ncmi", "ncmi_temperature", (t_auto, 0.1))}
+    losses = [k for k in tuning if not args.only or k in args.only]
     chosen, members = {}, {}
     for loss in losses:
         t0 = time.perf_counter()
         trials = []
-        for kw in TUNING[loss]:
+        for kw in tuning[loss]:
             sdir = _train(base, kw, 0, work)
             m = json.loads((sdir / "metrics.json").read_text())
             crit = TrainConfig().select_metric
