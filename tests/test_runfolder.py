@@ -232,6 +232,21 @@ def test_a_run_from_before_the_zscore_and_temperature_defaults_keeps_its_setting
         ["ncmi_temperature (0.3 -> 0.03)"]
 
 
+def test_saved_config_resolves_the_settings_an_older_run_left_out(tmp_path):
+    """A config.yaml from before --feature-norm and the temperature key: its missing settings read as
+    that version meant them (features as extracted, T 0.3), as numbers, never the word ``auto``."""
+    import yaml
+
+    from wsi_ncmi.train.config import saved_config
+
+    for loss in ("ce", "ncmi"):
+        old = TrainConfig(loss=loss).to_dict()
+        del old["ncmi_temperature"], old["feature_norm"]
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": old}))
+        cfg = saved_config(tmp_path / "config.yaml")
+        assert (cfg.ncmi_temperature, cfg.feature_norm) == (0.3, "none"), loss
+
+
 def test_out_must_be_a_writable_folder_that_is_a_run_or_empty(cohort, tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "data").mkdir()

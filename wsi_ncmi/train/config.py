@@ -169,4 +169,4 @@ def saved_config(path: str | Path, **overrides) -> TrainConfig:
     saved = (yaml.safe_load(Path(path).read_text()) or {}).get("train") or {}
     older = {f.name: recorded_default(f.name, saved) for f in fields(TrainConfig)
              if f.name not in saved and overrides.get(f.name) is None}
-    return replace(cfg, **older)
+    return replace(cfg, **older).validate()     # a setting filled in for an older run may need resolving (auto)
