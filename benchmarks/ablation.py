@@ -59,9 +59,10 @@ RESERVED = {"task", "labels", "features", "out", "loss", "seeds", "seed", "resum
 
 
 def _value(key: str, text: str):
-    """``text`` as the type of ``TrainConfig.key``'s default (bool, int, str; float otherwise, or a
-    word such as ``auto`` for ``lr``)."""
-    default = TrainConfig.__dataclass_fields__[key].default
+    """``text`` as the type of ``TrainConfig.key`` (bool, int, str; a number where the field may hold
+    one, or a word such as ``auto`` for ``lr`` and ``ncmi_temperature``)."""
+    field = TrainConfig.__dataclass_fields__[key]
+    default = field.default
     if isinstance(default, bool):
         if text.lower() not in ("true", "false"):
             raise SystemExit(f"--grid {key}={text}: give true or false")
@@ -71,7 +72,7 @@ def _value(key: str, text: str):
             return int(text)
         except ValueError:
             raise SystemExit(f"--grid {key}={text}: give whole numbers") from None
-    if isinstance(default, str) and key != "ncmi_temperature":   # a number or auto: one folder per number
+    if isinstance(default, str) and "float" not in str(field.type):
         return text
     try:
         return float(text)

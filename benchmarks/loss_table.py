@@ -54,18 +54,25 @@ def _cross(loss: str, knob: str, values) -> list[dict]:
     return [dict(loss=loss, lr=lr, **{knob: v}) for lr in LR2 for v in values]
 
 
-TUNING = {   # loss -> its TRIALS configurations
-    "ce": [dict(loss="ce", lr=lr) for lr in LR4],
-    "weighted_ce": [dict(loss="weighted_ce", lr=lr) for lr in LR4],
-    "focal": _cross("focal", "focal_gamma", (1.0, 2.0)),
-    "label_smoothing": _cross("label_smoothing", "label_smoothing", (0.05, 0.1)),
-    "pc_softmax": [dict(loss="pc_softmax", lr=lr) for lr in LR4],
-    "mi": _cross("mi", "mi_weight", (0.5, 1.0)),
-    "cmi_ce": [dict(loss="cmi_ce", lr=lr, cmi_lambda=la, cmi_beta=be) for lr in LR2 for la, be in ((0.5, 0.1), (0.2, 0.05))],
-    "ce+ncmi": _cross("ce+ncmi", "ncmi_weight", (0.5, 1.0)),
-    "ncmi": _cross("ncmi", "ncmi_temperature", (0.03, 0.1)),   # 0.3 with --feature-norm none (main)
-}
-assert all(len(v) == TRIALS for v in TUNING.values())
+def tuning(feature_norm: str) -> dict:
+    """loss -> its TRIALS configurations. NCMI's temperature knob starts at what ``auto`` gives for the
+    feature norm (0.03 with zscore, 0.3 with none) and tries 0.1 beside it."""
+    t_auto = default_temperature("embedding", feature_norm == "zscore")
+    return {
+        "ce": [dict(loss="ce", lr=lr) for lr in LR4],
+        "weighted_ce": [dict(loss="weighted_ce", lr=lr) for lr in LR4],
+        "focal": _cross("focal", "focal_gamma", (1.0, 2.0)),
+        "label_smoothing": _cross("label_smoothing", "label_smoothing", (0.05, 0.1)),
+        "pc_softmax": [dict(loss="pc_softmax", lr=lr) for lr in LR4],
+        "mi": _cross("mi", "mi_weight", (0.5, 1.0)),
+        "cmi_ce": [dict(loss="cmi_ce", lr=lr, cmi_lambda=la, cmi_beta=be) for lr in LR2
+                   for la, be in ((0.5, 0.1), (0.2, 0.05))],
+        "ce+ncmi": _cross("ce+ncmi", "ncmi_weight", (0.5, 1.0)),
+        "ncmi": _cross("ncmi", "ncmi_temperature", (t_auto, 0.1)),
+    }
+
+
+assert all(len(v) == TRIALS for norm in ("zscore", "none") for v in tuning(norm).values())
 
 
 def _slug(kw: dict) -> str:
@@ -122,15 +129,13 @@ def main() -> None:
         source = args.features
     base = dict(task=args.task, labels=args.labels, features=args.features, model=args.model, epochs=args.epochs,
                 device=args.device, feature_norm=args.feature_norm, **extra)
-    # NCMI's temperature knob starts at what `auto` gives for this feature norm (0.03 zscore, 0.3 none)
-    t_auto = default_temperature("embedding", args.feature_norm == "zscore")
-    tuning = {**TUNING, "ncmi": _cross("ncmi", "ncmi_temperature", (t_auto, 0.1))}
-    losses = [k for k in tuning if not args.only or k in args.only]
+    trials_of = tuning(args.feature_norm)
+    losses = [k for k in trials_of if not args.only or k in args.only]
     chosen, members = {}, {}
     for loss in losses:
         t0 = time.perf_counter()
         trials = []
-        for kw in tuning[loss]:
+        for kw in trials_of[loss]:
             sdir = _train(base, kw, 0, work)
             m = json.loads((sdir / "metrics.json").read_text())
             crit = TrainConfig().select_metric

@@ -3,7 +3,7 @@ override a subset, flags override both); the resolved config is saved in every r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -165,8 +165,7 @@ def saved_config(path: str | Path, **overrides) -> TrainConfig:
     """A run folder's ``config.yaml`` as the wsi-ncmi that wrote it meant it: a setting it lacks (added
     to TrainConfig later) takes ``recorded_default``, not today's default (an old run's missing
     ``feature_norm`` is ``none``). ``overrides`` win, as in ``from_sources``."""
-    cfg = TrainConfig.from_sources(str(path), **overrides)
     saved = (yaml.safe_load(Path(path).read_text()) or {}).get("train") or {}
-    older = {f.name: recorded_default(f.name, saved) for f in fields(TrainConfig)
-             if f.name not in saved and overrides.get(f.name) is None}
-    return replace(cfg, **older).validate()     # a setting filled in for an older run may need resolving (auto)
+    older = {f.name: recorded_default(f.name, saved) for f in fields(TrainConfig) if f.name not in saved}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return TrainConfig.from_sources(str(path), **{**older, **given})   # one validate, on the filled-in values
