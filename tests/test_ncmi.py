@@ -19,22 +19,43 @@ def test_nsf_is_a_positive_normalised_sigmoid():
     assert torch.allclose(nsf(torch.tensor([[50.0, -50.0]])), torch.tensor([[1.0, 0.0]]), atol=1e-6)
 
 
-def _hand_loss(p, q, y, eps=1e-8):
+def _hand_loss(p, q, y, eps=1e-8, separation="mean"):
     out = []
     for i in range(len(p)):
         kl = lambda a, b: sum(a[j] * math.log(a[j] / b[j]) for j in range(len(a)))
         conc = kl(p[i], q[y[i]])
-        sep = np.mean([kl(q[k], p[i]) for k in range(len(q)) if k != y[i]])
-        out.append((conc + eps) / (sep + eps))
+        rivals = [kl(q[k], p[i]) for k in range(len(q)) if k != y[i]]
+        if separation == "harmonic":          # the mean of the pairwise ratios
+            out.append(np.mean([(conc + eps) / (r + eps) for r in rivals]))
+        else:
+            sep = min(rivals) if separation == "min" else np.mean(rivals)
+            out.append((conc + eps) / (sep + eps))
     return float(np.mean(out))
 
 
-def test_loss_equals_the_formula():
+@pytest.mark.parametrize("separation", ["mean", "harmonic", "min"])
+def test_loss_equals_the_formula(separation):
     p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3]])
     q = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
     y = torch.tensor([0, 2, 1])
-    assert float(ncmi_ratio(p, q, y)) == pytest.approx(_hand_loss(p.numpy(), q.numpy(), y.numpy()), rel=1e-5)
+    assert float(ncmi_ratio(p, q, y, separation=separation)) == pytest.approx(
+        _hand_loss(p.numpy(), q.numpy(), y.numpy(), separation=separation), rel=1e-5)
     assert float(kl_matrix(p, q)[0, 1]) == pytest.approx(sum(p[0, j] * math.log(p[0, j] / q[1, j]) for j in range(3)))
+
+
+def test_harmonic_separation_sees_a_merged_rival_that_the_mean_hides():
+    """The failure measured on breast_cancer (README, NCMI's separation): one class pushed far from the
+    rest lets the arithmetic mean stay large while two other classes merge. Here class 2's centroid sits
+    almost on class 1's; the mean ratio of a class-1 sample stays small, the harmonic one does not.
+    With two classes there is one rival and every rule is the same loss."""
+    q = nsf(torch.tensor([[8.0, -8.0, -8.0, -8.0], [-8.0, 2.0, 1.9, -8.0], [-8.0, 1.9, 2.0, -8.0]]))
+    p, y = nsf(torch.tensor([[-8.0, 2.0, 1.8, -8.0]])), torch.tensor([1])
+    mean, harmonic, nearest = (float(ncmi_ratio(p, q, y, separation=s)) for s in ("mean", "harmonic", "min"))
+    assert mean < 1e-4 and harmonic > 0.05 and harmonic > 1000 * mean and nearest > harmonic
+    p2, q2, y2 = torch.tensor([[0.6, 0.4], [0.3, 0.7]]), torch.tensor([[0.8, 0.2], [0.1, 0.9]]), torch.tensor([0, 1])
+    assert len({round(float(ncmi_ratio(p2, q2, y2, separation=s)), 7) for s in ("mean", "harmonic", "min")}) == 1
+    with pytest.raises(ValueError, match="separation"):
+        NCMILoss(3, space="logit", separation="average")
 
 
 def test_alternating_steps_move_only_their_own_parameters():
@@ -127,6 +148,36 @@ def test_auto_temperature_is_0_03_only_where_it_was_measured_best():
     assert t(ncmi_space="logit", ncmi_temperature=0.1) == 0.1 and t(feature_norm="none", ncmi_temperature="0.03") == 0.03
     assert TrainConfig(ncmi_space="logit").validate().to_dict()["ncmi_temperature"] == 0.3
     assert NCMILoss(4, 8).temperature == 0.03 and NCMILoss(4, 8, space="logit").temperature == 0.3
+
+
+def test_without_a_centre_p_is_the_normalised_embedding_and_nothing_is_tracked():
+    z = torch.tensor([[3.0, 4.0, 0.0], [0.0, 1.0, 0.0]])
+    loss = NCMILoss(2, 3, temperature=0.5, centre="none").train()
+    assert torch.allclose(loss.distribution(None, z), nsf(z / z.norm(dim=1, keepdim=True) / 0.5))
+    assert float(loss.centre_weight) == 0 and not loss.centre_sum.any()
+    ema = NCMILoss(2, 3, temperature=0.5).train()
+    ema.distribution(None, z)
+    assert float(ema.centre_weight) > 0       # the method's: the centre moves with every training batch
+    with pytest.raises(ValueError, match="centre"):
+        NCMILoss(2, 3, centre="batch")
+
+
+def test_separation_setting_is_checked_and_reaches_the_loss():
+    from wsi_ncmi.errors import WsiNcmiError
+    from wsi_ncmi.train.config import TrainConfig
+
+    from wsi_ncmi.train.config import recorded_default
+
+    with pytest.raises(WsiNcmiError, match="--ncmi-separation avg: choose mean, harmonic, min"):
+        TrainConfig(ncmi_separation="avg").validate()
+    with pytest.raises(WsiNcmiError, match="--ncmi-centre batch: choose ema, none"):
+        TrainConfig(ncmi_centre="batch").validate()
+    # a run saved before these settings existed trained the method as defined
+    assert recorded_default("ncmi_separation", {"loss": "ncmi"}) == "mean"
+    assert recorded_default("ncmi_centre", {"loss": "ncmi"}) == "ema"
+    assert create_objective("ncmi", 3, 8, ncmi_centre="none").ncmi.centring == "none"
+    assert TrainConfig().validate().ncmi_separation == "mean"     # the method's stays the default
+    assert create_objective("ncmi", 3, 8, ncmi_separation="harmonic").ncmi.separation == "harmonic"
 
 
 def test_objective_ce_plus_ncmi_adds_the_terms():

@@ -38,7 +38,8 @@ class Objective(nn.Module):
     def __init__(self, name: str, num_classes: int, embed_dim: int, train_labels=None, focal_gamma: float = 2.0,
                  label_smoothing: float = 0.1, ncmi_space: str = "embedding", ncmi_centroids: str = "alternating",
                  ncmi_temperature: float | None = None, ncmi_weight: float = 1.0, mi_weight: float = 1.0,
-                 mi_window: int = 64, cmi_lambda: float = 0.5, cmi_beta: float = 0.1):
+                 mi_window: int = 64, cmi_lambda: float = 0.5, cmi_beta: float = 0.1,
+                 ncmi_separation: str = "mean", ncmi_centre: str = "ema"):
         super().__init__()
         if name not in LOSSES:
             raise WsiNcmiError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
@@ -51,7 +52,8 @@ class Objective(nn.Module):
                      "cmi_ce": CrossEntropy(), "label_smoothing": CrossEntropy(label_smoothing=label_smoothing),
                      "focal": FocalLoss(focal_gamma), "pc_softmax": PCSoftmaxLoss(class_priors(labels, num_classes)),
                      "mi": MutualInformationLoss(num_classes, mi_weight, mi_window)}.get(name)
-        self.ncmi = NCMILoss(num_classes, embed_dim, ncmi_space, ncmi_temperature, ncmi_centroids) \
+        self.ncmi = NCMILoss(num_classes, embed_dim, ncmi_space, ncmi_temperature, ncmi_centroids,
+                             separation=ncmi_separation, centre=ncmi_centre) \
             if "ncmi" in name else None
         self.cmi = CMIPenalty(num_classes, cmi_lambda, cmi_beta) if name == "cmi_ce" else None
 

@@ -57,6 +57,8 @@ import torch.nn.functional as F
 
 EPS = 1e-8
 TEMPERATURE = 0.03            # the default T: embedding space over standardised inputs (module docstring)
+SEPARATIONS = ("mean", "harmonic", "min")   # how the rivals' KL(Q_k || P) combine (``ncmi_ratio``)
+CENTRES = ("ema", "none")     # embedding space: subtract a running centre from z first, or not
 TEMPERATURE_ELSEWHERE = 0.3   # the authors' T: logit space, or inputs as extracted (measured best there)
 
 
@@ -80,20 +82,41 @@ def kl_matrix(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * lp).sum(-1, keepdim=True) - p @ lq.T
 
 
+def _divergences(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor):
+    """KL(p || q_y) as (N, 1), KL(q_k || p) as (N, K), and the (N, K) mask of the rivals k != y."""
+    conc = kl_matrix(p, q).gather(1, y[:, None])
+    rev = kl_matrix(q, p).T
+    return conc, rev, torch.ones_like(rev).scatter_(1, y[:, None], 0.0)
+
+
 def ncmi_terms(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample concentration KL(p || q_y) and separation mean_{k != y} KL(q_k || p)."""
-    c = q.shape[0]
-    conc = kl_matrix(p, q).gather(1, y[:, None]).squeeze(1)
-    rev = kl_matrix(q, p).T                                  # (N, K): KL(q_k || p_i)
-    other = torch.ones_like(rev).scatter_(1, y[:, None], 0.0)
-    sep = (rev * other).sum(1) / max(c - 1, 1)
-    return conc, sep
+    conc, rev, other = _divergences(p, q, y)
+    return conc.squeeze(1), (rev * other).sum(1) / max(q.shape[0] - 1, 1)
 
 
-def ncmi_ratio(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """The NCMI loss: mean over samples of (concentration + eps) / (separation + eps)."""
-    conc, sep = ncmi_terms(p, q, y)
-    return ((conc + eps) / (sep + eps)).mean()
+def ncmi_ratio(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor, eps: float = EPS,
+               separation: str = "mean") -> torch.Tensor:
+    """The NCMI loss: mean over samples of (concentration + eps) / (separation + eps).
+
+    ``separation`` says how the C - 1 rival divergences KL(q_k || p) make the denominator
+    (``SEPARATIONS``; README, NCMI's separation):
+    * ``mean``, the method's Gamma: their arithmetic mean;
+    * ``harmonic``: their harmonic mean, so the loss is the mean over rivals of the pairwise ratio
+      (concentration + eps) / (KL(q_k || p) + eps). A rival that merges with the sample's class sends
+      it up however far the other rivals are; under the arithmetic mean one far rival hides it;
+    * ``min``: the nearest rival alone.
+    """
+    if separation == "mean":
+        conc, sep = ncmi_terms(p, q, y)
+        return ((conc + eps) / (sep + eps)).mean()
+    if separation not in SEPARATIONS:
+        raise ValueError(f"separation must be one of {', '.join(SEPARATIONS)}, not {separation!r}")
+    conc, rev, other = _divergences(p, q, y)
+    if separation == "min":
+        sep = rev.masked_fill(other == 0, math.inf).min(1, keepdim=True).values
+        return ((conc + eps) / (sep + eps)).mean()
+    return (((conc + eps) / (rev + eps)) * other).sum(1).div(max(q.shape[0] - 1, 1)).mean()
 
 
 def ncmi_value(p: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -129,15 +152,20 @@ class NCMILoss(nn.Module):
 
     def __init__(self, num_classes: int, embed_dim: int | None = None, space: str = "embedding",
                  temperature: float | None = None, centroids: str = "alternating", ema_decay: float = 0.99,
-                 init_scale: float = 10.0, eps: float = EPS):
+                 init_scale: float = 10.0, eps: float = EPS, separation: str = "mean", centre: str = "ema"):
         super().__init__()
         if space not in ("logit", "embedding"):
             raise ValueError(f"space must be 'logit' or 'embedding', not {space!r}")
         if centroids not in ("alternating", "fixed"):
             raise ValueError(f"centroids must be 'alternating' or 'fixed', not {centroids!r}")
+        if separation not in SEPARATIONS:
+            raise ValueError(f"separation must be one of {', '.join(SEPARATIONS)}, not {separation!r}")
+        if centre not in CENTRES:
+            raise ValueError(f"centre must be one of {', '.join(CENTRES)}, not {centre!r}")
         if space == "embedding" and (embed_dim is None or embed_dim < num_classes):
             raise ValueError("embedding-space NCMI needs embed_dim >= num_classes")
         self.num_classes, self.space, self.centroid_mode, self.eps = num_classes, space, centroids, eps
+        self.separation, self.centring = separation, centre
         self.temperature = temperature if temperature is not None else default_temperature(space)
         m = num_classes if space == "logit" else int(embed_dim)
         w = torch.zeros(num_classes, m)
@@ -179,6 +207,8 @@ class NCMILoss(nn.Module):
             u = logits.float()
             return nsf(u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6) / self.temperature)
         z = embedding.float()
+        if self.centring == "none":
+            return nsf(z / z.norm(dim=-1, keepdim=True).clamp_min(1e-6) / self.temperature)
         if self.training:
             with torch.no_grad():
                 d = self.ema_decay
@@ -190,9 +220,9 @@ class NCMILoss(nn.Module):
 
     def forward(self, p: torch.Tensor, y: torch.Tensor, step: str = "network") -> torch.Tensor:
         if step == "network":
-            return ncmi_ratio(p, self.centroids().detach(), y, self.eps)
+            return ncmi_ratio(p, self.centroids().detach(), y, self.eps, self.separation)
         if step == "centroid":
-            return ncmi_ratio(p.detach(), self.centroids(), y, self.eps)
+            return ncmi_ratio(p.detach(), self.centroids(), y, self.eps, self.separation)
         raise ValueError(f"step must be 'network' or 'centroid', not {step!r}")
 
 

@@ -91,13 +91,14 @@ MEASUREMENT_SETS = {
     "digits": ("load_digits", (8,)),                  # 8x8 grey digits, 64-d, values 0-16
     "breast_cancer": ("load_breast_cancer", (0,)),    # 30 raw cell-nucleus measurements, malignant positive
     "wine": ("load_wine", (2,)),                      # 13 raw chemical measurements, scales 0.1-1680
+    "iris": ("load_iris", (2,)),                      # 4 flower measurements in cm; virginica overlaps versicolor
 }
 MEASUREMENT_COUNTS = ((0, 0), (1, 2), (3, 6), (7, 14))   # positive instances per bag, by class
 
 
 def make_measurement_cohort(out: str | Path, dataset: str = "digits", seed: int = 0,
                             bags: tuple[int, int, int] = (240, 60, 120), bag_size: tuple[int, int] = (24, 40),
-                            counts=MEASUREMENT_COUNTS) -> Path:
+                            counts=MEASUREMENT_COUNTS, positive: tuple[int, ...] | None = None) -> Path:
     """A 4-class MIL cohort of *real* measurements, unscaled, written as plain CLAM-style HDF5.
 
     Instances are rows of a scikit-learn bundled dataset (no download); the bag's class is set by
@@ -105,11 +106,13 @@ def make_measurement_cohort(out: str | Path, dataset: str = "digits", seed: int 
     from 60% of the rows, test bags from the other 40%, so no row is shared across that line.
     Files hold only ``features`` and ``coords`` (no attributes), as CLAM writes them: these cohorts
     test that defaults work on data the project never shaped. ``labels.csv``: slide_id,label,split.
+    ``positive`` names other classes of the dataset as the positive rows (default: ``MEASUREMENT_SETS``).
     """
     import h5py
     from sklearn import datasets
 
     loader, pos_classes = MEASUREMENT_SETS[dataset]
+    pos_classes = pos_classes if positive is None else positive
     d = getattr(datasets, loader)()
     x_all, t = d.data.astype(np.float32), d.target
     rng = np.random.default_rng(seed)

@@ -27,6 +27,7 @@ def parse_lr(value) -> float | str:
 
 NCMI_PREDICT_RULES = ("auto", "nearest", "bayes")   # --ncmi-predict
 NCMI_PREDICT_BEFORE = "nearest"   # the rule of every NCMI model trained before --ncmi-predict existed
+NCMI_BEFORE = {"ncmi_separation": "mean", "ncmi_centre": "ema"}
 NCMI_TEMPERATURE_BEFORE = 0.3     # what a saved ``ncmi_temperature: null`` meant before the default became 0.03
 
 
@@ -40,6 +41,8 @@ def recorded_default(key: str, recorded: dict):
         return NCMI_TEMPERATURE_BEFORE
     if key == "feature_norm":       # runs from before --feature-norm used the features as extracted
         return "none"
+    if key in NCMI_BEFORE:          # runs from before these NCMI settings trained the method as defined
+        return NCMI_BEFORE[key]
     f = TrainConfig.__dataclass_fields__.get(key)
     return f.default if f is not None else None
 
@@ -81,6 +84,8 @@ class TrainConfig:
     folds: int = 0                    # 0: the task's single split; K >= 2: K-fold cross-validation (tasks/folds.py)
     ncmi_space: str = "embedding"     # embedding (the method's) or logit
     ncmi_centroids: str = "alternating"
+    ncmi_separation: str = "mean"     # how NCMI's rival divergences combine: mean (the method's), harmonic, min
+    ncmi_centre: str = "ema"          # embedding space: subtract the running centre (the method's) or none
     ncmi_means: str = "running"       # NCMI class means per epoch: running (the train pass) or exact (eval pass)
     ncmi_temperature: float | str = "auto"   # NSF temperature, or auto: losses.ncmi.default_temperature for the
                                               # space and feature_norm; null in an older run's config = 0.3
@@ -98,6 +103,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         from wsi_ncmi.losses import LOSSES
+        from wsi_ncmi.losses.ncmi import CENTRES, SEPARATIONS
         from wsi_ncmi.mil.models import MODELS
 
         if self.loss not in LOSSES:
@@ -110,6 +116,10 @@ class TrainConfig:
             raise WsiNcmiError(f"--ncmi-means {self.ncmi_means}: choose exact or running")
         if self.ncmi_predict not in NCMI_PREDICT_RULES:
             raise WsiNcmiError(f"--ncmi-predict {self.ncmi_predict}: choose auto, nearest or bayes")
+        if self.ncmi_separation not in SEPARATIONS:
+            raise WsiNcmiError(f"--ncmi-separation {self.ncmi_separation}: choose {', '.join(SEPARATIONS)}")
+        if self.ncmi_centre not in CENTRES:
+            raise WsiNcmiError(f"--ncmi-centre {self.ncmi_centre}: choose {', '.join(CENTRES)}")
         if self.ncmi_centroids not in ("alternating", "fixed"):
             raise WsiNcmiError(f"--ncmi-centroids {self.ncmi_centroids}: choose alternating or fixed")
         if self.select_metric not in ("loss", "macro_f1", "auc", "balanced_accuracy", "accuracy"):

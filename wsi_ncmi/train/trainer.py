@@ -149,7 +149,8 @@ class Trainer:
             cfg.loss, C, self.model.embed_dim, [r.label for r in self.train_set], focal_gamma=cfg.focal_gamma,
             label_smoothing=cfg.label_smoothing, ncmi_space=cfg.ncmi_space, ncmi_centroids=cfg.ncmi_centroids,
             ncmi_temperature=cfg.ncmi_temperature, ncmi_weight=cfg.ncmi_weight, mi_weight=cfg.mi_weight,
-            mi_window=cfg.mi_window, cmi_lambda=cfg.cmi_lambda, cmi_beta=cfg.cmi_beta).to(self.device)
+            mi_window=cfg.mi_window, cmi_lambda=cfg.cmi_lambda, cmi_beta=cfg.cmi_beta,
+            ncmi_separation=cfg.ncmi_separation, ncmi_centre=cfg.ncmi_centre).to(self.device)
         if self.objective.ncmi is not None:   # the centre's EMA remembers about one epoch of steps
             per_rank = -(-len(self.train_set) // (self.ddp.size if self.ddp else 1))
             self.objective.ncmi.set_centre_window(-(-per_rank // cfg.batch_size))
