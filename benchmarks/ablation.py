@@ -60,7 +60,8 @@ HELD_OUT = (("digits_p3_s1", "digits", (3,), 1), ("breast_cancer_s1", "breast_ca
 LOSSES = ("ce", "ncmi")
 
 
-NCMI_ONLY = {"ncmi_space", "ncmi_centroids", "ncmi_separation", "ncmi_centre", "ncmi_means", "ncmi_temperature", "ncmi_predict", "centroid_lr"}
+NCMI_ONLY = {"ncmi_space", "ncmi_centroids", "ncmi_separation", "ncmi_centre", "ncmi_means", "ncmi_temperature",
+             "ncmi_predict", "centroid_lr"}
 RESERVED = {"task", "labels", "features", "out", "loss", "seeds", "seed", "resume", "overwrite", "progress",
             "bootstrap", "slides", "folds"}     # set by the benchmark itself
 

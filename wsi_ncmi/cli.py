@@ -203,11 +203,10 @@ _TRAIN_FLAGS = [
                         "default) or logit"),
     ("ncmi_centroids", str, "alternating (default) or fixed centroids"),
     ("ncmi_centre", str, "embedding space: ema (default; the method's: subtract a running mean of the bag "
-                         "embeddings before normalising) or none. README: NCMI's centre"),
+                         "embeddings before normalising) or none (benchmarks/ncmi_dynamics.py shows what each does)"),
     ("ncmi_separation", str, "how NCMI's separation combines the divergences KL(Q_k || P) to the rival classes: "
                              "mean (default; the method's), harmonic (every rival counts: a class that merges "
-                             "with another can no longer hide behind one far rival) or min (the nearest rival). "
-                             "README: NCMI's separation"),
+                             "with another can no longer hide behind one far rival) or min (the nearest rival)"),
     ("ncmi_means", str, "NCMI class means for each epoch's validation: running (the outputs the training pass "
                         "already computed; default) or exact (one more eval pass over the training set, ~1.25x "
                         "the epoch time). With --patch-dropout, exact is used: the training pass sees "

@@ -100,7 +100,7 @@ def ncmi_ratio(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor, eps: float = E
     """The NCMI loss: mean over samples of (concentration + eps) / (separation + eps).
 
     ``separation`` says how the C - 1 rival divergences KL(q_k || p) make the denominator
-    (``SEPARATIONS``; README, NCMI's separation):
+    (``SEPARATIONS``; ``benchmarks/ncmi_dynamics.py`` shows the mean letting classes merge):
     * ``mean``, the method's Gamma: their arithmetic mean;
     * ``harmonic``: their harmonic mean, so the loss is the mean over rivals of the pairwise ratio
       (concentration + eps) / (KL(q_k || p) + eps). A rival that merges with the sample's class sends
