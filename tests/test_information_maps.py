@@ -58,7 +58,7 @@ def test_tumour_instances_carry_the_most_information_for_the_positive_class(bina
         ff = read_feature_file(cohort / "features" / f"{sid}.h5")
         with h5py.File(cohort / "features" / f"{sid}.h5", "r") as f:
             is_t = f["is_tumour"][:]
-        pmi = instance_information(rm.model, rm.log_scores, torch.from_numpy(ff.features), rm.priors,
+        pmi = instance_information(rm.model, rm.map_log_scores, torch.from_numpy(ff.features), rm.priors,
                                    includes_prior=rm.includes_prior)
         assert np.allclose((rm.priors.double().numpy()[None] * np.exp(pmi)).sum(1), 1.0, atol=1e-6)
         score = info_contrast(pmi, 1)

@@ -90,7 +90,7 @@ def test_class_mean_minimises_concentration():
 
 
 def test_embedding_space_centre_is_a_bias_corrected_ema_in_training_only():
-    l = NCMILoss(3, embed_dim=6, space="embedding", ema_decay=0.5)
+    l = NCMILoss(3, embed_dim=6, space="embedding", ema_decay=0.5, centre="ema")
     z = torch.ones(4, 6)
     l.train()
     l.distribution(None, z)
@@ -105,7 +105,7 @@ def test_embedding_space_centre_is_a_bias_corrected_ema_in_training_only():
 
 
 def test_centre_window_is_one_epoch_and_forgets_the_first_bag():
-    l = NCMILoss(3, embed_dim=6, space="embedding")
+    l = NCMILoss(3, embed_dim=6, space="embedding", centre="ema")
     l.set_centre_window(240)                                    # 240 one-bag steps per epoch
     l.train()
     l.distribution(None, 100 * torch.ones(1, 6))                # an outlying first bag
@@ -115,7 +115,7 @@ def test_centre_window_is_one_epoch_and_forgets_the_first_bag():
 
 
 def test_legacy_centre_buffers_load():
-    l = NCMILoss(3, embed_dim=6, space="embedding")
+    l = NCMILoss(3, embed_dim=6, space="embedding", centre="ema")
     st = {k: v for k, v in l.state_dict().items() if not k.startswith("centre_")}
     st.update(centre=2 * torch.ones(6), centre_ready=torch.tensor(True))
     l.load_state_dict(st)
@@ -152,10 +152,10 @@ def test_auto_temperature_is_0_03_only_where_it_was_measured_best():
 
 def test_without_a_centre_p_is_the_normalised_embedding_and_nothing_is_tracked():
     z = torch.tensor([[3.0, 4.0, 0.0], [0.0, 1.0, 0.0]])
-    loss = NCMILoss(2, 3, temperature=0.5, centre="none").train()
+    loss = NCMILoss(2, 3, temperature=0.5).train()      # the default
     assert torch.allclose(loss.distribution(None, z), nsf(z / z.norm(dim=1, keepdim=True) / 0.5))
     assert float(loss.centre_weight) == 0 and not loss.centre_sum.any()
-    ema = NCMILoss(2, 3, temperature=0.5).train()
+    ema = NCMILoss(2, 3, temperature=0.5, centre="ema").train()
     ema.distribution(None, z)
     assert float(ema.centre_weight) > 0       # the method's: the centre moves with every training batch
     with pytest.raises(ValueError, match="centre"):
@@ -175,9 +175,12 @@ def test_separation_setting_is_checked_and_reaches_the_loss():
     # a run saved before these settings existed trained the method as defined
     assert recorded_default("ncmi_separation", {"loss": "ncmi"}) == "mean"
     assert recorded_default("ncmi_centre", {"loss": "ncmi"}) == "ema"
-    assert create_objective("ncmi", 3, 8, ncmi_centre="none").ncmi.centring == "none"
-    assert TrainConfig().validate().ncmi_separation == "mean"     # the method's stays the default
-    assert create_objective("ncmi", 3, 8, ncmi_separation="harmonic").ncmi.separation == "harmonic"
+    assert create_objective("ncmi", 3, 8, ncmi_centre="ema").ncmi.centring == "ema"
+    assert create_objective("ncmi", 3, 8, ncmi_separation="mean").ncmi.separation == "mean"
+    cfg = TrainConfig().validate()                                 # the measured defaults (README)
+    assert (cfg.ncmi_separation, cfg.ncmi_centre) == ("harmonic", "none")
+    made = create_objective("ncmi", 3, 8).ncmi
+    assert (made.separation, made.centring) == ("harmonic", "none")
 
 
 def test_objective_ce_plus_ncmi_adds_the_terms():
@@ -186,7 +189,7 @@ def test_objective_ce_plus_ncmi_adds_the_terms():
     both = create_objective("ce+ncmi", 3, 8, ncmi_weight=0.5, ncmi_space="logit", ncmi_temperature=0.3)
     ce = torch.nn.functional.cross_entropy(logits, y)
     u = logits / logits.norm(dim=1, keepdim=True) / 0.3     # logit space: normalised logits / T
-    n = ncmi_ratio(nsf(u), both.ncmi.centroids(), y)
+    n = ncmi_ratio(nsf(u), both.ncmi.centroids(), y, separation="harmonic")   # the default separation
     assert float(both.network_loss(logits, None, y)[0].detach()) == pytest.approx(float((ce + 0.5 * n).detach()), rel=1e-5)
 
 
@@ -233,3 +236,18 @@ def test_ncmi_prediction_rules_nearest_bayes_and_auto_on_validation():
     with pytest.raises(ValueError, match="rule must be one of"):
         fit_scorer("ncmi", True, train, train, priors, "argmax")
     assert fit_scorer("ce", False, train, train, priors, "bayes").kind == "softmax"
+
+
+def test_information_maps_read_a_pooled_spread_so_a_far_patch_is_not_given_to_the_widest_class():
+    from wsi_ncmi.train.scoring import fit_scorer
+
+    p, y = _spread_cohort()
+    bayes = fit_scorer("ncmi", True, {"p": p, "y": y}, {"p": p, "y": y}, torch.tensor([0.5, 0.5]), "bayes")
+    pb = _between(bayes.qbar)                                  # nearer class 0's mean, far in its units
+    assert bool((bayes.log_scores(None, pb).argmax(1) == 1).all())
+    maps = bayes.map_log_scores(None, pb)
+    assert bool((maps.argmax(1) == 0).all())                   # the nearer mean, as the nearest rule says
+    assert torch.allclose(maps.exp().sum(1), torch.ones(len(pb), dtype=torch.float64))   # still a posterior
+    ce = fit_scorer("ce", False, {"p": p, "y": y}, {"p": p, "y": y}, torch.tensor([0.5, 0.5]))
+    logits = torch.randn(4, 2)
+    assert torch.equal(ce.map_log_scores(logits, None), ce.log_scores(logits, None))   # other losses: unchanged

@@ -199,14 +199,17 @@ _TRAIN_FLAGS = [
                    "fold draws its own validation from its training part. Each fold is trained into "
                    "<out>/fold_<k>/; the top level reports mean +/- std over folds x seeds, the pooled "
                    "out-of-fold predictions with bootstrap 95%% CIs, and the held-out test where there is one"),
-    ("ncmi_space", str, "where NCMI's P lives: embedding (the method's: the centred penultimate embedding; "
+    ("ncmi_space", str, "where NCMI's P lives: embedding (the method's: the penultimate bag embedding; "
                         "default) or logit"),
     ("ncmi_centroids", str, "alternating (default) or fixed centroids"),
-    ("ncmi_centre", str, "embedding space: ema (default; the method's: subtract a running mean of the bag "
-                         "embeddings before normalising) or none (benchmarks/ncmi_dynamics.py shows what each does)"),
+    ("ncmi_centre", str, "embedding space: none (default: normalise the bag embedding as it is) or ema (the "
+                         "method's: subtract a running mean of the bag embeddings first). Centring at a point "
+                         "between the negative and positive bags keeps only which side of it a bag lies on, not "
+                         "how much tumour it holds; README, \"NCMI's centre and separation\""),
     ("ncmi_separation", str, "how NCMI's separation combines the divergences KL(Q_k || P) to the rival classes: "
-                             "mean (default; the method's), harmonic (every rival counts: a class that merges "
-                             "with another can no longer hide behind one far rival) or min (the nearest rival)"),
+                             "harmonic (default: every rival counts, so two classes cannot merge behind one far "
+                             "rival), mean (the method's) or min (the nearest rival); README, \"NCMI's centre and "
+                             "separation\""),
     ("ncmi_means", str, "NCMI class means for each epoch's validation: running (the outputs the training pass "
                         "already computed; default) or exact (one more eval pass over the training set, ~1.25x "
                         "the epoch time). With --patch-dropout, exact is used: the training pass sees "

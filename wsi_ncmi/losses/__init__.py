@@ -39,7 +39,7 @@ class Objective(nn.Module):
                  label_smoothing: float = 0.1, ncmi_space: str = "embedding", ncmi_centroids: str = "alternating",
                  ncmi_temperature: float | None = None, ncmi_weight: float = 1.0, mi_weight: float = 1.0,
                  mi_window: int = 64, cmi_lambda: float = 0.5, cmi_beta: float = 0.1,
-                 ncmi_separation: str = "mean", ncmi_centre: str = "ema"):
+                 ncmi_separation: str = "harmonic", ncmi_centre: str = "none"):
         super().__init__()
         if name not in LOSSES:
             raise WsiNcmiError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")

@@ -57,9 +57,9 @@ def _information(members: list[Member], x: torch.Tensor, coords: np.ndarray, cls
     for m in members:
         rm = m.model
         if estimator == "instance":
-            pmi = instance_information(rm.model, rm.log_scores, x, rm.priors, includes_prior=rm.includes_prior)
+            pmi = instance_information(rm.model, rm.map_log_scores, x, rm.priors, includes_prior=rm.includes_prior)
         else:
-            pmi = removal_information(rm.model, rm.log_scores, x, coords, max_evals, priors=rm.priors,
+            pmi = removal_information(rm.model, rm.map_log_scores, x, coords, max_evals, priors=rm.priors,
                                       includes_prior=rm.includes_prior)[0]
         vals.append(info_contrast(pmi, cls))
     return np.mean(vals, 0)

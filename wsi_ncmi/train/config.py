@@ -27,7 +27,7 @@ def parse_lr(value) -> float | str:
 
 NCMI_PREDICT_RULES = ("auto", "nearest", "bayes")   # --ncmi-predict
 NCMI_PREDICT_BEFORE = "nearest"   # the rule of every NCMI model trained before --ncmi-predict existed
-NCMI_BEFORE = {"ncmi_separation": "mean", "ncmi_centre": "ema"}
+NCMI_BEFORE = {"ncmi_separation": "mean", "ncmi_centre": "ema"}   # what every NCMI run trained before these settings
 NCMI_TEMPERATURE_BEFORE = 0.3     # what a saved ``ncmi_temperature: null`` meant before the default became 0.03
 
 
@@ -84,8 +84,8 @@ class TrainConfig:
     folds: int = 0                    # 0: the task's single split; K >= 2: K-fold cross-validation (tasks/folds.py)
     ncmi_space: str = "embedding"     # embedding (the method's) or logit
     ncmi_centroids: str = "alternating"
-    ncmi_separation: str = "mean"     # how NCMI's rival divergences combine: mean (the method's), harmonic, min
-    ncmi_centre: str = "ema"          # embedding space: subtract the running centre (the method's) or none
+    ncmi_separation: str = "harmonic" # how NCMI's rival divergences combine: harmonic (measured), mean (the method's), min
+    ncmi_centre: str = "none"         # embedding space: none (measured) or subtract the running centre (ema, the method's)
     ncmi_means: str = "running"       # NCMI class means per epoch: running (the train pass) or exact (eval pass)
     ncmi_temperature: float | str = "auto"   # NSF temperature, or auto: losses.ncmi.default_temperature for the
                                               # space and feature_norm; null in an older run's config = 0.3
