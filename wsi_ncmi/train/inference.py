@@ -38,7 +38,7 @@ class RunModel:
         """Whether the class scores hold the training prior (see ``train/scoring.py``)."""
         return self.scorer.includes_prior
 
-    def _scored(self, out: MILOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scorer_inputs(self, out: MILOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, NCMI's P or None): what the scorer reads from a forward pass."""
         p = self.objective.distribution(out.logits.float(), out.embedding.float()) \
             if self.scorer.kind == "centroid" else None
@@ -46,11 +46,11 @@ class RunModel:
 
     def log_scores(self, out: MILOutput) -> torch.Tensor:
         """(B, C) float64 log class scores of a forward pass, by the run's own scoring rule."""
-        return self.scorer.log_scores(*self._scored(out))
+        return self.scorer.log_scores(*self.scorer_inputs(out))
 
     def map_log_scores(self, out: MILOutput) -> torch.Tensor:
         """(B, C) float64 log class scores for the information maps (``Scorer.map_log_scores``)."""
-        return self.scorer.map_log_scores(*self._scored(out))
+        return self.scorer.map_log_scores(*self.scorer_inputs(out))
 
 
 def load_run_model(run: str | Path, seed: int, in_dim: int) -> RunModel:
