@@ -224,6 +224,11 @@ def test_a_run_from_before_the_zscore_and_temperature_defaults_keeps_its_setting
     ce = {"loss": "ce", "ncmi_temperature": None}
     assert differences(ce, {**ce, "ncmi_temperature": 0.03}) == []
     assert differences({**ce, "ncmi_temperature": 0.3}, {**ce, "ncmi_temperature": 0.03}) == []   # CE never read it
+    # nor the NCMI settings whose defaults changed since: a CE run from before them still resumes
+    now = {"loss": "ce", "ncmi_centre": "none", "ncmi_separation": "harmonic"}
+    assert differences({"loss": "ce"}, now) == [] and differences({**now, "ncmi_centre": "ema"}, now) == []
+    assert differences({"loss": "ncmi"}, {**now, "loss": "ncmi"}) == \
+        ["ncmi_centre (ema -> none)", "ncmi_separation (mean -> harmonic)"]      # an NCMI run trained the method
     assert TrainConfig(loss="ce", ncmi_temperature=None).validate().ncmi_temperature == 0.03
     assert TrainConfig(loss="ncmi", ncmi_temperature="3e-2").validate().ncmi_temperature == 0.03   # YAML's 3e-2
     with pytest.raises(WsiNcmiError, match="--ncmi-temperature x: give a number"):
@@ -233,18 +238,20 @@ def test_a_run_from_before_the_zscore_and_temperature_defaults_keeps_its_setting
 
 
 def test_saved_config_resolves_the_settings_an_older_run_left_out(tmp_path):
-    """A config.yaml from before --feature-norm and the temperature key: its missing settings read as
-    that version meant them (features as extracted, T 0.3), as numbers, never the word ``auto``."""
+    """A config.yaml from before --feature-norm, the temperature key and NCMI's centre and separation:
+    its missing settings read as that version meant them (features as extracted, T 0.3 as a number,
+    never the word ``auto``; the method's EMA centre and mean separation)."""
     import yaml
 
     from wsi_ncmi.train.config import saved_config
 
     for loss in ("ce", "ncmi"):
         old = TrainConfig(loss=loss).to_dict()
-        del old["ncmi_temperature"], old["feature_norm"]
+        del old["ncmi_temperature"], old["feature_norm"], old["ncmi_centre"], old["ncmi_separation"]
         (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": old}))
         cfg = saved_config(tmp_path / "config.yaml")
         assert (cfg.ncmi_temperature, cfg.feature_norm) == (0.3, "none"), loss
+        assert (cfg.ncmi_centre, cfg.ncmi_separation) == ("ema", "mean"), loss
 
 
 def test_out_must_be_a_writable_folder_that_is_a_run_or_empty(cohort, tmp_path):

@@ -153,7 +153,7 @@ def class_mean(p: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tens
 
 
 class NCMILoss(nn.Module):
-    """NCMI objective with its own learnable centroids and (embedding space) feature centre.
+    """NCMI objective with its own learnable centroids (and, with ``centre="ema"``, a feature centre).
 
     ``forward(logits, embedding, y, step)``: ``step="network"`` uses detached centroids (gradients
     reach the network only), ``step="centroid"`` uses the detached output (gradients reach the
@@ -214,7 +214,7 @@ class NCMILoss(nn.Module):
         return nsf(self.centroid_logits)
 
     def distribution(self, logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """P for a batch; in training mode (embedding space) this also updates the EMA centre."""
+        """P for a batch; in training mode with ``centre="ema"`` this also updates the EMA centre."""
         if self.space == "logit":   # bounded like the embedding space: see the module docstring
             u = logits.float()
             return nsf(u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6) / self.temperature)

@@ -98,7 +98,8 @@ def load_member_model(run: str | Path, member: str | Path, in_dim: int) -> RunMo
     load_state(model, st["model"], ckpt)
     objective = create_objective(cfg.loss, C, model.embed_dim, None, ncmi_space=cfg.ncmi_space,
                                  ncmi_centroids=cfg.ncmi_centroids, ncmi_temperature=cfg.ncmi_temperature,
-                                 mi_window=cfg.mi_window, ncmi_centre=cfg.ncmi_centre)
+                                 mi_window=cfg.mi_window, ncmi_centre=cfg.ncmi_centre,
+                                 ncmi_separation=cfg.ncmi_separation)
     load_state(objective, st["objective"], ckpt)
     model.eval()
     objective.eval()

@@ -156,8 +156,8 @@ def differences(old: dict, new: dict) -> list[str]:
     for k in sorted(set(old) | set(new)):
         if k in NOT_IDENTITY or k in PATH_KEYS or (k in DERIVED and k not in old):   # paths: through digests
             continue
-        if k == "ncmi_temperature" and not any("ncmi" in str(d.get("loss")) for d in (old, new)):
-            continue                                   # a loss without NCMI never reads it
+        if k.startswith("ncmi_") and not any("ncmi" in str(d.get("loss")) for d in (old, new)):
+            continue                                   # a loss without NCMI never reads its settings
         a, b = old.get(k, recorded_default(k, old)), new.get(k)
         if a is None and k == "ncmi_temperature":      # null: the default of the version that wrote it
             a = recorded_default(k, old)
