@@ -37,8 +37,9 @@ Where P lives is a design choice (``space``):
   u = z / ||z|| / T; with ``centre="ema"`` (the method's) u = (z - c) / ||z - c|| / T, where the
   centre c is a *bias-corrected* EMA of batch-mean embeddings (Adam's correction, Kingma & Ba 2014,
   arXiv:1412.6980) whose decay is set from the epoch length, 1 - batch/N (``set_centre_window``):
-  its memory is about one epoch whatever the batch size. The authors' decay of 0.9999 was set for batch means over many CIFAR steps; at one
-  bag per step the first bag still weighed 0.86 of the centre after 1,500 steps.
+  its memory is about one epoch whatever the batch size. The authors' decay of 0.9999 was set for
+  batch means over many CIFAR steps; at one bag per step the first bag still weighed 0.86 of the
+  centre after 1,500 steps.
 
 Temperature (``T``, default 0.03 in embedding space, 0.3 in logit space or without standardised inputs:
 ``default_temperature``; the authors used 0.2-0.5 on CIFAR): u lies on the sphere of

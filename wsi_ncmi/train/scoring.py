@@ -60,12 +60,13 @@ class Scorer:
         """The class scores the information maps read: ``log_scores``, except that NCMI's Bayes score
         takes one pooled spread (the mean of the s_k) for every class.
 
-        A map scores one-patch bags (or bags less a patch), far from the training bags the spreads were
-        measured on. There -KL / s_k ranks the classes by their spreads alone, the widest class winning
-        whatever the patch shows: on generated bags with known tumour instances, once the positive bags
-        spread wider than the negative ones (no centre in NCMI's space), the typical normal patch spoke
-        for the positive class. With one pooled spread the score compares the patch's distance to each
-        class mean, as the ``nearest`` rule does, and it still holds the prior once.
+        The instance map scores one-patch bags, far from the training bags the spreads were measured
+        on. There -KL / s_k ranks the classes by their spreads alone, the widest class winning whatever
+        the patch shows: on generated bags with known tumour instances, once the positive bags spread
+        wider than the negative ones (no centre in NCMI's space), the typical normal patch spoke for the
+        positive class. With one pooled spread the score compares the patch's distance to each class
+        mean, as the ``nearest`` rule does, and it still holds the prior once. The removal map reads the
+        same score, so the two estimators stay comparable.
         """
         if self.kind == "centroid" and self.spread is not None:
             pooled = self.spread.double().mean().expand_as(self.spread)
