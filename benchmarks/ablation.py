@@ -19,7 +19,9 @@ Cohorts:
   slides give the lesion AP (``demo.lesions``);
 - with ``--held-out``, instead of the three measurement cohorts: four that no default was chosen on
   (``HELD_OUT``: digits with 3 as the positive digit, breast_cancer drawn anew, wine with cultivar 0
-  positive, iris), to check that a setting chosen on the first three carries over.
+  positive, iris), to check that a setting chosen on the first three carries over; ``--held-out 2``
+  (``HELD_OUT_2``: digits with 5 positive, breast_cancer drawn a third time, wine with cultivar 1,
+  iris with versicolor positive), for a choice that the first held-out set has already informed.
 
 Printed: test macro-F1 / macro AUC (mean +/- std over seeds) per cohort, loss and setting, with the
 change from the baseline (paired over seeds and test slides, 95% bootstrap interval); the paired
@@ -57,6 +59,10 @@ MEASUREMENT = ("digits", "breast_cancer", "wine")
 # bags and rows, and iris): (name, dataset, positive classes, seed)
 HELD_OUT = (("digits_p3_s1", "digits", (3,), 1), ("breast_cancer_s1", "breast_cancer", (0,), 1),
             ("wine_p0_s1", "wine", (0,), 1), ("iris_s1", "iris", (2,), 1))
+# --held-out 2: a second such set, drawn after the first had informed a choice (NCMI's class score)
+HELD_OUT_2 = (("digits_p5_s2", "digits", (5,), 2), ("breast_cancer_s2", "breast_cancer", (0,), 2),
+              ("wine_p1_s2", "wine", (1,), 2), ("iris_p1_s2", "iris", (1,), 2))
+HELD_OUT_SETS = {"1": HELD_OUT, "2": HELD_OUT_2}
 LOSSES = ("ce", "ncmi")
 
 
@@ -163,7 +169,7 @@ def _cohorts(args, work: Path) -> list[dict]:
     if not (root / "labels.csv").is_file():
         make_cohort(root, n_slides=160, **CAMELYON17_LIKE_BAGS)
     cohorts.append(dict(name="generated", task="csv", labels=str(root / "labels.csv"), features=str(root / "features")))
-    measured = HELD_OUT if args.held_out else [(ds, ds, None, 0) for ds in MEASUREMENT]
+    measured = HELD_OUT_SETS[args.held_out] if args.held_out else [(ds, ds, None, 0) for ds in MEASUREMENT]
     for name, ds, positive, seed in measured:
         root = work / "cohorts" / name
         if not (root / "labels.csv").is_file():
@@ -179,10 +185,12 @@ def main() -> None:
                     help="a training setting and its values (repeat to cross several); the first value is the baseline")
     ap.add_argument("--demo", help="a `wsi-ncmi demo` folder: also its features (and lesion AP)")
     ap.add_argument("--only", nargs="*", help="a subset of cohorts: demo generated digits breast_cancer wine (with "
-                                              "--held-out: " + " ".join(h[0] for h in HELD_OUT) + ")")
-    ap.add_argument("--held-out", action="store_true",
+                                              "--held-out: " + " ".join(h[0] for h in HELD_OUT) + "; with "
+                                              "--held-out 2: " + " ".join(h[0] for h in HELD_OUT_2) + ")")
+    ap.add_argument("--held-out", nargs="?", const="1", choices=sorted(HELD_OUT_SETS),
                     help="the measurement cohorts no default was chosen on (other positive classes, other draws, "
-                         "iris) instead of digits, breast_cancer and wine")
+                         "iris) instead of digits, breast_cancer and wine; 2: a second set, for choices the "
+                         "first informed")
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=ALL_LOSSES,
                     help="the losses to train (default ce ncmi; the NCMI - CE table needs both)")
     ap.add_argument("--seeds", type=int, default=3)
