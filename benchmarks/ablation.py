@@ -160,22 +160,31 @@ def _attention_ap(cohort: dict, run: Path):
 
 
 def _cohorts(args, work: Path) -> list[dict]:
+    """The cohorts to run, built on first use. Only those ``--only`` names are built, so two processes
+    given disjoint ``--only`` lists never write the same files."""
+    def wanted(name: str) -> bool:
+        return not args.only or name in args.only
+
     cohorts = []
-    if args.demo:
+    if args.demo and wanted("demo"):
         demo = Path(args.demo)
         cohorts.append(dict(name="demo", task="camelyon17", labels=str(demo / "stage_labels.csv"),
                             features=str(demo / "features"), extra=dict(val_fraction=0.2), demo=demo))
     root = work / "cohorts" / "generated"
-    if not (root / "labels.csv").is_file():
-        make_cohort(root, n_slides=160, **CAMELYON17_LIKE_BAGS)
-    cohorts.append(dict(name="generated", task="csv", labels=str(root / "labels.csv"), features=str(root / "features")))
+    if wanted("generated"):
+        if not (root / "labels.csv").is_file():
+            make_cohort(root, n_slides=160, **CAMELYON17_LIKE_BAGS)
+        cohorts.append(dict(name="generated", task="csv", labels=str(root / "labels.csv"),
+                            features=str(root / "features")))
     measured = HELD_OUT_SETS[args.held_out] if args.held_out else [(ds, ds, None, 0) for ds in MEASUREMENT]
     for name, ds, positive, seed in measured:
         root = work / "cohorts" / name
+        if not wanted(name):
+            continue
         if not (root / "labels.csv").is_file():
             make_measurement_cohort(root, dataset=ds, seed=seed, positive=positive)
         cohorts.append(dict(name=name, task="csv", labels=str(root / "labels.csv"), features=str(root / "features")))
-    return [c for c in cohorts if not args.only or c["name"] in args.only]
+    return cohorts
 
 
 def main() -> None:
