@@ -5,10 +5,10 @@
 For each run folder (every seed it holds), the test slides of ``seed_<s>/predictions_test.csv`` are
 passed through the saved model once, and the macro one-vs-rest AUC of three scores of the same P is
 printed, mean over seeds:
-- ``per-class``: the run's own scores, ``Scorer.log_scores`` (the Bayes score with each class's own
-  spread s_k: what training, ``evaluate`` and the predictions CSV report);
-- ``pooled``: the same score with one pooled spread for every class, ``Scorer.map_log_scores`` (what
-  the information maps read);
+- ``per-class``: the Bayes score with each class's own spread s_k (what runs scored before the pooled
+  score report: ``score_spread: class``);
+- ``pooled``: the same score with one pooled spread for every class (``Scorer.map_log_scores``: what
+  the information maps read, and what training, ``evaluate`` and the predictions CSV report since);
 - ``-KL``: minus the divergence to each training class mean, the nearest-mean rule's ranking.
 AUC ranks the float64 log scores per class, as the metrics do. Why it exists: the README's "NCMI's
 centre and separation" section (iris's AUC).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +56,8 @@ def rescore(run: Path) -> dict[str, float]:
             p = torch.cat([rm.scorer_inputs(rm.model(x[None]))[1] for x in bags]).double()
         y = np.array([rm.classes.index(r["label"]) if r["label"] in rm.classes else int(r["label"]) for r in rows])
         sc = rm.scorer
-        for name, s in (("per-class", sc.log_scores(None, p)), ("pooled", sc.map_log_scores(None, p)),
+        for name, s in (("per-class", replace(sc, score_spread="class").log_scores(None, p)),
+                        ("pooled", sc.map_log_scores(None, p)),
                         ("-KL", -kl_matrix(p, sc.qbar.double()))):
             out.setdefault(name, []).append(macro_auc(y, s))
     return {k: float(np.mean(v)) for k, v in out.items()}

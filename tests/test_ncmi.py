@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wsi_ncmi.losses import NCMILoss, create_objective, fit_temperature, kl_matrix, ncmi_value, nsf
-from wsi_ncmi.losses.ncmi import class_mean, ncmi_ratio
+from wsi_ncmi.losses.ncmi import centroid_log_scores, class_mean, ncmi_ratio
 
 
 def test_nsf_is_a_positive_normalised_sigmoid():
@@ -221,7 +221,7 @@ def test_ncmi_prediction_rules_nearest_bayes_and_auto_on_validation():
     assert near.rule == "nearest" and bool((near.predict(None, pb) == 0).all())
     bayes = fit_scorer("ncmi", True, train, train, priors, "bayes")
     assert bool((bayes.predict(None, pb) == 1).all())        # class 0 is tight: too far from it in its own units
-    assert torch.equal(bayes.predict(None, pb), bayes.log_scores(None, pb).argmax(1))
+    assert torch.equal(bayes.predict(None, pb), centroid_log_scores(pb, bayes.qbar, bayes.spread, bayes.log_prior)[0].argmax(1))
     # auto keeps whichever rule the validation labels favour, the method's nearest mean on a tie
     val_p = torch.cat([p[:40], pb])
     for label, rule in ((1, "bayes"), (0, "nearest")):
@@ -238,15 +238,25 @@ def test_ncmi_prediction_rules_nearest_bayes_and_auto_on_validation():
     assert fit_scorer("ce", False, train, train, priors, "bayes").kind == "softmax"
 
 
-def test_information_maps_read_a_pooled_spread_so_a_far_patch_is_not_given_to_the_widest_class():
-    from wsi_ncmi.train.scoring import fit_scorer
+def test_scores_and_maps_read_a_pooled_spread_so_a_far_patch_is_not_given_to_the_widest_class():
+    from dataclasses import replace
+
+    from wsi_ncmi.train.scoring import Scorer, fit_scorer
 
     p, y = _spread_cohort()
     bayes = fit_scorer("ncmi", True, {"p": p, "y": y}, {"p": p, "y": y}, torch.tensor([0.5, 0.5]), "bayes")
     pb = _between(bayes.qbar)                                  # nearer class 0's mean, far in its units
-    assert bool((bayes.log_scores(None, pb).argmax(1) == 1).all())
-    assert bool((bayes.map_log_scores(None, pb).argmax(1) == 0).all())   # the nearer mean
+    assert bayes.score_spread == "pooled"
+    assert bool((bayes.predict(None, pb) == 1).all())          # the bayes rule weighs each class's spread
+    assert bool((replace(bayes, score_spread="class").log_scores(None, pb).argmax(1) == 1).all())
+    for score in (bayes.log_scores, bayes.map_log_scores):
+        assert bool((score(None, pb).argmax(1) == 0).all())   # the nearer mean
     # with equal priors the pooled score ranks every P as the nearest-mean rule does
     anywhere = torch.softmax(2 * torch.randn(300, 3, generator=torch.Generator().manual_seed(1)), 1)
-    assert torch.equal(bayes.map_log_scores(None, anywhere).argmax(1),
-                       kl_matrix(anywhere.double(), bayes.qbar).argmin(1))
+    assert torch.equal(bayes.log_scores(None, anywhere), bayes.map_log_scores(None, anywhere))
+    assert torch.equal(bayes.log_scores(None, anywhere).argmax(1), kl_matrix(anywhere.double(), bayes.qbar).argmin(1))
+    # the spread travels in scoring.pt; a scoring.pt from before it keeps each class's own
+    assert Scorer.from_state(bayes.state()).score_spread == "pooled"
+    legacy = Scorer.from_state({k: v for k, v in bayes.state().items() if k != "score_spread"})
+    assert legacy.score_spread == "class" and bool((legacy.log_scores(None, pb).argmax(1) == 1).all())
+    assert bool((legacy.map_log_scores(None, pb).argmax(1) == 0).all())

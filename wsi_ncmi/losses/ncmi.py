@@ -260,9 +260,10 @@ def centroid_log_scores(p: torch.Tensor, qbar: torch.Tensor, spread: torch.Tenso
     posterior score log pi_k - log s_k - KL(P || Qbar_k) / s_k, normalised (log-softmax, divided by
     a temperature ``tau`` fit on validation for calibration). Everything is float64 and stays in
     log space: softmax(-KL / tau) in float32 saturated to exact 0 or 1 on separable validation sets
-    (tau at the grid floor) and understated AUC by up to 0.07. The score ranks and calibrates, and
-    includes the prior (so the information maps subtract log pi once); its argmax is the ``bayes``
-    prediction rule, the method's nearest centroid (argmin_k KL) the ``nearest`` one.
+    (tau at the grid floor) and understated AUC by up to 0.07. The score includes the prior (so the
+    information maps subtract log pi once). With each class's own s_k its argmax is the ``bayes``
+    prediction rule (the method's nearest centroid, argmin_k KL, is the ``nearest`` one); with one
+    pooled s for every class it is the score a run ranks and calibrates by (``train/scoring.py``).
     """
     d = kl_matrix(p.double(), qbar.double())
     s = spread.double()

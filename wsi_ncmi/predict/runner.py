@@ -7,10 +7,11 @@ given feature files made with other settings; score every slide with every membe
 each slide (``maps``). A slide that fails (moved, damaged, other settings) is named with its
 reason and skipped; the cohort goes on.
 
-The predicted class is the argmax of the members' mean class probability. (An NCMI member whose
-rule is ``nearest``, see ``train --ncmi-predict``, alone predicts by its nearest class mean, which
-can differ from the argmax of its Bayes scores on a borderline slide; the ensemble has no single
-nearest mean, so the mean probability decides.)
+The predicted class is the argmax of the members' mean class probability. (An NCMI member alone
+predicts by its own rule, see ``train --ncmi-predict``: its nearest class mean, or the Bayes score
+with each class's own spread. Either can differ from the argmax of its class probabilities, which
+pool the spread, on a borderline slide; the ensemble has no single rule, so the mean probability
+decides.)
 """
 
 from __future__ import annotations
