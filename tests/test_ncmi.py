@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wsi_ncmi.losses import NCMILoss, create_objective, fit_temperature, kl_matrix, ncmi_value, nsf
-from wsi_ncmi.losses.ncmi import centroid_log_scores, class_mean, ncmi_ratio
+from wsi_ncmi.losses.ncmi import TAU_BOUNDS, centroid_log_scores, class_mean, ncmi_ratio
 
 
 def test_nsf_is_a_positive_normalised_sigmoid():
@@ -255,6 +255,15 @@ def test_scores_and_maps_read_a_pooled_spread_so_a_far_patch_is_not_given_to_the
     anywhere = torch.softmax(2 * torch.randn(300, 3, generator=torch.Generator().manual_seed(1)), 1)
     assert torch.equal(bayes.log_scores(None, anywhere), bayes.map_log_scores(None, anywhere))
     assert torch.equal(bayes.log_scores(None, anywhere).argmax(1), kl_matrix(anywhere.double(), bayes.qbar).argmin(1))
+    # the temperature is fit on the score it scales: the pooled one, or a re-scored older run's own
+    for spread, s in (("pooled", bayes.pooled_spread()), ("class", bayes.spread)):
+        fit = fit_scorer("ncmi", True, {"p": p, "y": y}, {"p": pb, "y": torch.zeros(len(pb), dtype=torch.long)},
+                         torch.tensor([0.5, 0.5]), "bayes", spread)
+        raw = centroid_log_scores(pb, fit.qbar, s, fit.log_prior)[0]
+        assert fit.score_spread == spread and fit.tau == fit_temperature(raw, torch.zeros(len(pb), dtype=torch.long),
+                                                                         TAU_BOUNDS)
+    with pytest.raises(ValueError, match="score_spread must be one of"):
+        fit_scorer("ncmi", True, {"p": p, "y": y}, {"p": p, "y": y}, torch.tensor([0.5, 0.5]), "bayes", "median")
     # the spread travels in scoring.pt; a scoring.pt from before it keeps each class's own
     assert Scorer.from_state(bayes.state()).score_spread == "pooled"
     legacy = Scorer.from_state({k: v for k, v in bayes.state().items() if k != "score_spread"})

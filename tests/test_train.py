@@ -107,18 +107,48 @@ def test_run_folder_contents(cohort, tmp_path):
         assert rule == ("bayes" if f1["bayes"] > f1["nearest"] else "nearest")     # chosen on validation
 
 
-def test_ncmi_predict_bayes_predicts_the_argmax_of_the_written_scores(cohort, tmp_path):
+def test_ncmi_predict_bayes_predicts_by_each_class_spread_and_the_csv_pools_it(cohort, tmp_path):
+    import torch
+
+    from wsi_ncmi.losses.ncmi import centroid_log_scores
+    from wsi_ncmi.store.h5 import read_feature_file
+    from wsi_ncmi.train.inference import load_run_model
+
     out = tmp_path / "run"
     agg = _quiet(run_training, _cfg(cohort, out, epochs=3, loss="ncmi", ncmi_predict="bayes"))
     assert agg["ncmi_predict"] == ["bayes"]
     with open(out / "seed_0" / "predictions_test.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert all(int(r["pred"]) == int(np.argmax([float(r[f"logp_{k}"]) for k in range(4)])) for r in rows)
+    rm = load_run_model(out, 0, 16)
+    with torch.no_grad():
+        p = torch.cat([rm.scorer_inputs(rm.model(torch.from_numpy(
+            read_feature_file(cohort / "features" / f"{r['slide_id']}.h5").features).float()[None]))[1] for r in rows])
+    sc = rm.scorer
+    per_class = centroid_log_scores(p, sc.qbar, sc.spread, sc.log_prior)[0]
+    pooled = centroid_log_scores(p, sc.qbar, sc.pooled_spread(), sc.log_prior, sc.tau)[0]
+    assert [int(r["pred"]) for r in rows] == per_class.argmax(1).tolist()
+    written = np.array([[float(r[f"logp_{k}"]) for k in range(4)] for r in rows])
+    np.testing.assert_allclose(written, pooled.numpy(), atol=1e-6)
     assert "(--ncmi-predict bayes): seed 0 bayes" in (out / "metrics.md").read_text()
     # evaluate re-scores the same model by another rule, without training
     again = _quiet(run_evaluation, out, None, None, None, "nearest")
     assert again["ncmi_predict"] == ["nearest"] and again["test"]["auc"]["mean"] == pytest.approx(agg["test"]["auc"]["mean"])
     assert "(--ncmi-predict nearest): seed 0 nearest" in (out / "evaluate" / "metrics.md").read_text()
+    # a run scored before the pooled score (no score_spread in scoring.pt) keeps its per-class scores
+    # when evaluate re-scores it, so evaluate, predict and heatmap still agree
+    from wsi_ncmi.train.checkpoint import load_checkpoint, save_checkpoint
+    from wsi_ncmi.train.scoring import Scorer
+
+    legacy = {k: v for k, v in load_checkpoint(out / "seed_0" / "scoring.pt").items() if k != "score_spread"}
+    save_checkpoint(legacy, out / "seed_0" / "scoring.pt")
+    _quiet(run_evaluation, out, None, None, None, "bayes")
+    refit = Scorer.from_state(load_checkpoint(out / "evaluate" / "seed_0" / "scoring.pt"))
+    assert refit.score_spread == "class"
+    with open(out / "evaluate" / "seed_0" / "predictions_test.csv") as fh:
+        again = np.array([[float(r[f"logp_{k}"]) for k in range(4)] for r in csv.DictReader(fh)])
+    np.testing.assert_allclose(again, centroid_log_scores(p, sc.qbar, sc.spread, sc.log_prior, refit.tau)[0].numpy(),
+                               atol=1e-6)
+    assert not np.allclose(again, written, atol=1e-3)       # the per-class scores, not the pooled ones
 
 
 def test_evaluate_rescores_to_the_same_numbers(cohort, tmp_path):

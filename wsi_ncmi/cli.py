@@ -219,8 +219,9 @@ _TRAIN_FLAGS = [
                               "saturates at 0.03; with --feature-norm none, 0.3 beat 0.1 on five cohorts and "
                               "0.03 on four). README: NCMI temperature"),
     ("ncmi_predict", str, "how an NCMI model predicts a class: nearest (the method's nearest training class mean, "
-                          "argmin KL), bayes (argmax of the class scores written to the predictions CSV, which "
-                          "weigh each class's own spread around its mean), or auto (default): per model, the one "
+                          "argmin KL), bayes (argmax of the Bayes score with each class's own spread around its "
+                          "mean; the predictions CSV's probabilities pool the spread), or auto (default): per "
+                          "model, the one "
                           "with the higher validation macro-F1, nearest on a tie. A trained model's AUC, ECE "
                           "and Brier do not depend on it; its validation macro-F1 can change which epoch is "
                           "kept under --select-metric macro_f1 (and as the tie-break of the default). "

@@ -39,6 +39,7 @@ from wsi_ncmi.train.metrics import bootstrap_ci, mean_std, quadratic_kappa
 from wsi_ncmi.train.padding import padding_warning
 from wsi_ncmi.train.runfolder import (absolute_paths, load_run_config, open_run, refuse_changed_task,
                                       refuse_while_training, releases_run_lock)
+from wsi_ncmi.train.scoring import saved_score_spread
 from wsi_ncmi.train.trainer import Trainer
 
 REPORTED = ("macro_f1", "auc", "balanced_accuracy", "accuracy", "ece", "brier", "ncmi")
@@ -307,6 +308,7 @@ def evaluate_seeds(cfg: TrainConfig, task: Task, store: BagStore, trained: Path,
         if not (sdir / "best.pt").exists():
             raise WsiNcmiError(f"{sdir}: no best.pt; finish training with `wsi-ncmi train ... --resume`")
         trainer = Trainer(cfg, task, store, seed, sdir)
+        trainer.score_spread = saved_score_spread(sdir)    # a run scored before the pooled score keeps its own
         edir = out / f"seed_{seed}"
         edir.mkdir(parents=True, exist_ok=True)
         trainer.history = []

@@ -37,14 +37,17 @@ The rule is fit once per trained model (``fit_scorer``) and saved to ``seed_<s>/
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from wsi_ncmi.losses.ncmi import TAU_BOUNDS, centroid_log_scores, class_mean, class_spread, fit_temperature, kl_matrix
+from wsi_ncmi.train.checkpoint import load_checkpoint
 from wsi_ncmi.train.config import NCMI_PREDICT_BEFORE, NCMI_PREDICT_RULES
 from wsi_ncmi.train.metrics import macro_f1
 
 PRIOR_FREE_LOSSES = ("pc_softmax", "weighted_ce")   # trained to balanced (prior-free) class scores
+SCORE_SPREADS = ("pooled", "class")
 
 
 @dataclass
@@ -64,12 +67,15 @@ class Scorer:
             return torch.log_softmax(logits.double(), dim=1)
         if self.spread is None:                # runs trained before the Bayes score: softmax(-KL / tau)
             return torch.log_softmax(-kl_matrix(p.double(), self.qbar.double()) / self.tau, dim=1)
-        spread = self.pooled_spread() if self.score_spread == "pooled" else self.spread
-        return centroid_log_scores(p, self.qbar, spread, self.log_prior, self.tau)[0]
+        return centroid_log_scores(p, self.qbar, self.score_spreads(), self.log_prior, self.tau)[0]
 
     def pooled_spread(self) -> torch.Tensor:
         """The mean of the training spreads s_k, once per class."""
         return self.spread.double().mean().expand_as(self.spread)
+
+    def score_spreads(self) -> torch.Tensor:
+        """The spreads the class scores divide by (``score_spread``)."""
+        return self.pooled_spread() if self.score_spread == "pooled" else self.spread.double()
 
     def map_log_scores(self, logits: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
         """The class scores the information maps read: NCMI's Bayes score with one pooled spread (the
@@ -108,10 +114,12 @@ class Scorer:
 
 
 def fit_scorer(loss: str, by_centroid: bool, train: dict, val: dict, priors: torch.Tensor,
-               rule: str = "auto") -> Scorer:
+               rule: str = "auto", score_spread: str = "pooled") -> Scorer:
     """The scoring rule of a trained model from its training and validation outputs ({"p", "y", ...}).
 
     ``rule`` is NCMI's prediction rule (``NCMI_PREDICT_RULES``); ``auto`` resolves it here on ``val``.
+    ``score_spread`` is the spread NCMI's class scores use, and the temperature is fit on: ``pooled``
+    for new runs, ``saved_score_spread`` when ``evaluate`` re-scores a run trained before.
     """
     if not by_centroid:
         return Scorer("softmax", includes_prior=loss not in PRIOR_FREE_LOSSES)
@@ -121,13 +129,22 @@ def fit_scorer(loss: str, by_centroid: bool, train: dict, val: dict, priors: tor
     qbar = class_mean(train["p"], train["y"], C).double()
     spread = class_spread(train["p"], train["y"], qbar)
     log_prior = priors.double().log()
-    pooled = spread.mean().expand_as(spread)
-    raw = centroid_log_scores(val["p"], qbar, pooled, log_prior)[0]
-    tau = fit_temperature(raw, val["y"], TAU_BOUNDS)
-    scorer = Scorer("centroid", True, qbar, spread, log_prior, tau, "nearest" if rule == "auto" else rule)
+    if score_spread not in SCORE_SPREADS:
+        raise ValueError(f"score_spread must be one of {SCORE_SPREADS}, not {score_spread!r}")
+    scorer = Scorer("centroid", True, qbar, spread, log_prior, 1.0, "nearest" if rule == "auto" else rule,
+                    score_spread)
+    raw = centroid_log_scores(val["p"], qbar, scorer.score_spreads(), log_prior)[0]
+    scorer.tau = fit_temperature(raw, val["y"], TAU_BOUNDS)
     if rule == "auto" and len(val["y"]):
         scorer.rule = choose_rule(scorer, val)
     return scorer
+
+
+def saved_score_spread(seed_dir: Path) -> str:
+    """The spread a trained seed's class scores use: its ``scoring.pt``'s (``class`` if written before
+    the pooled score), or ``pooled`` where it has none (``evaluate`` writes one beside its outputs)."""
+    path = seed_dir / "scoring.pt"
+    return Scorer.from_state(load_checkpoint(path)).score_spread if path.is_file() else "pooled"
 
 
 def choose_rule(scorer: Scorer, val: dict) -> str:

@@ -135,6 +135,8 @@ def sync_buffers(module: torch.nn.Module) -> None:
 
 
 class Trainer:
+    score_spread = "pooled"   # NCMI's class scores; `evaluate` sets a trained seed's own (saved_score_spread)
+
     def __init__(self, cfg: TrainConfig, task: Task, store: BagStore, seed: int, out: Path, ddp: World | None = None):
         self.cfg, self.task, self.store, self.seed, self.out = cfg, task, store, seed, out
         self.ddp = ddp if ddp is not None and ddp.distributed else None
@@ -275,7 +277,7 @@ class Trainer:
         """Predictions and class scores per split by the run's scoring rule (``train/scoring.py``),
         fit on the training outputs (NCMI's class means) and validation (its temperature)."""
         scorer = fit_scorer(self.cfg.loss, self.objective.predicts_by_centroid, ref_train, ref_val, self.priors,
-                            self.cfg.ncmi_predict)
+                            self.cfg.ncmi_predict, self.score_spread)
         return {k: self.score_with(scorer, o) for k, o in outs.items()}
 
     def score_with(self, scorer: Scorer, o: dict) -> dict:
