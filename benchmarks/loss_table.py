@@ -15,7 +15,8 @@ The protocol (issue #12, "a fair verdict"):
 2. **Fresh seeds for the verdict.** The chosen configuration is retrained on seeds 1..S (S >= 5),
    so the tuning seed's luck never enters the test figures.
 3. **Intervals.** Per loss: test macro-F1 and macro AUC, mean over seeds, with a 95% interval from
-   a bootstrap over test slides of the seed-mean. Paired difference NCMI - CE: for each bootstrap
+   a bootstrap over test slides of the seed-mean; beside them the calibration of the probabilities
+   the predictions CSV holds, test ECE and Brier score (``train/metrics.py``), mean over seeds. Paired difference NCMI - CE: for each bootstrap
    draw of test slides, the mean over seeds of (NCMI seed s - CE seed s) on that draw; the interval
    therefore holds both the seed and the slide variation, paired on both.
 
@@ -36,6 +37,8 @@ import io
 import json
 import time
 from pathlib import Path
+
+import numpy as np
 
 from wsi_ncmi.losses.ncmi import default_temperature
 from wsi_ncmi.mil.synthetic import CAMELYON17_LIKE_BAGS, make_cohort
@@ -131,7 +134,7 @@ def main() -> None:
                 device=args.device, feature_norm=args.feature_norm, **extra)
     trials_of = tuning(args.feature_norm)
     losses = [k for k in trials_of if not args.only or k in args.only]
-    chosen, members = {}, {}
+    chosen, members, calibration = {}, {}, {}
     for loss in losses:
         t0 = time.perf_counter()
         trials = []
@@ -142,7 +145,10 @@ def main() -> None:
             trials.append((selection_value(m["val"], crit), kw))
         best = max(trials, key=lambda t: (t[0], -t[1]["lr"]))[1]
         chosen[loss] = best
-        members[loss] = [read_test_predictions(_train(base, best, s, work)) for s in range(1, args.seeds + 1)]
+        seeds = [_train(base, best, s, work) for s in range(1, args.seeds + 1)]
+        members[loss] = [read_test_predictions(sdir) for sdir in seeds]
+        tests = [json.loads((sdir / "metrics.json").read_text())["test"] for sdir in seeds]
+        calibration[loss] = [float(np.mean([m[k] for m in tests])) for k in ("ece", "brier")]
         knobs = {k: v for k, v in best.items() if k != "loss"}
         print(f"{loss:16s} chose {knobs} on validation  ({time.perf_counter() - t0:.0f} s)", flush=True)
     res = paired_bootstrap(members, args.bootstrap)
@@ -151,13 +157,13 @@ def main() -> None:
           f"{TrainConfig().select_metric}), then seeds 1-{args.seeds}; at most {args.epochs} epochs; feature norm "
           f"{args.feature_norm}; {source}; "
           f"test split, seed-mean with 95% bootstrap interval over test slides\n")
-    print("| loss | chosen on validation | macro-F1 | macro AUC |\n|---|---|---|---|")
+    print("| loss | chosen on validation | macro-F1 | macro AUC | ECE | Brier |\n|---|---|---|---|---|---|")
     for loss in losses:
         pt, b = res[loss]
         knobs = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen[loss].items()
                           if k != "loss")
         print(f"| {loss} | {knobs} | {pt[0]:.3f} [{lo(b)[0]:.3f}, {hi(b)[0]:.3f}] | "
-              f"{pt[1]:.3f} [{lo(b)[1]:.3f}, {hi(b)[1]:.3f}] |")
+              f"{pt[1]:.3f} [{lo(b)[1]:.3f}, {hi(b)[1]:.3f}] | {calibration[loss][0]:.3f} | {calibration[loss][1]:.3f} |")
     if "ncmi" in res and "ce" in res:
         d = paired_difference(res, "ncmi", "ce")
         print("\nNCMI - CE (paired over seeds and test slides): " + ", ".join(
