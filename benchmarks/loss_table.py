@@ -16,9 +16,10 @@ The protocol (issue #12, "a fair verdict"):
    so the tuning seed's luck never enters the test figures.
 3. **Intervals.** Per loss: test macro-F1 and macro AUC, mean over seeds, with a 95% interval from
    a bootstrap over test slides of the seed-mean; beside them the calibration of the probabilities
-   the predictions CSV holds, test ECE and Brier score (``train/metrics.py``), mean over seeds. Paired difference NCMI - CE: for each bootstrap
-   draw of test slides, the mean over seeds of (NCMI seed s - CE seed s) on that draw; the interval
-   therefore holds both the seed and the slide variation, paired on both.
+   the predictions CSV holds, test ECE and Brier score (``train/metrics.py``), mean over seeds.
+   Paired difference NCMI - CE: for each bootstrap draw of test slides, the mean over seeds of
+   (NCMI seed s - CE seed s) on that draw; the interval therefore holds both the seed and the slide
+   variation, paired on both.
 
 The generated cohort has CAMELYON-17's slide-level class shares (318/36/59/87: negative / ITC /
 micro / macro by tumour-instance count). Jobs are resumable: each finished training stays under

@@ -125,12 +125,12 @@ def fit_scorer(loss: str, by_centroid: bool, train: dict, val: dict, priors: tor
         return Scorer("softmax", includes_prior=loss not in PRIOR_FREE_LOSSES)
     if rule not in NCMI_PREDICT_RULES:
         raise ValueError(f"rule must be one of {NCMI_PREDICT_RULES}, not {rule!r}")
+    if score_spread not in SCORE_SPREADS:
+        raise ValueError(f"score_spread must be one of {SCORE_SPREADS}, not {score_spread!r}")
     C = len(priors)
     qbar = class_mean(train["p"], train["y"], C).double()
     spread = class_spread(train["p"], train["y"], qbar)
     log_prior = priors.double().log()
-    if score_spread not in SCORE_SPREADS:
-        raise ValueError(f"score_spread must be one of {SCORE_SPREADS}, not {score_spread!r}")
     scorer = Scorer("centroid", True, qbar, spread, log_prior, 1.0, "nearest" if rule == "auto" else rule,
                     score_spread)
     raw = centroid_log_scores(val["p"], qbar, scorer.score_spreads(), log_prior)[0]
